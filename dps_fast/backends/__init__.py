@@ -1,0 +1,66 @@
+"""Backend registry.
+
+Every backend is a module with the same small contract (see reference.py):
+    NAME                          the name users pass as backend=...
+    unavailable_reason(device)    None if it can update tensors on `device`,
+                                  else a sentence saying why not
+    update(...)                   one fused explore / exploit / plain AdamW pass
+    select_masks(scores, sparsity)  per-tensor top-k masks, ties kept, packed
+                                  as dps_fast.selection.pack_mask does
+"""
+import importlib
+
+import torch
+
+# In order of preference for backend="auto" (fastest first); "torch" runs anywhere.
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+CHOICES = ("auto",) + BACKEND_NAMES
+
+_MODULES = {"torch": "reference"}
+
+
+def _module(name):
+    """The backend's module, or a string saying why it cannot be loaded."""
+    if name not in _MODULES:
+        return f"the {name!r} backend is not part of this version of dps_fast"
+    try:
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
+    except ImportError as error:  # a compiled module that was not built
+        return f"the {name!r} backend could not be imported ({error})"
+
+
+def check_name(backend):
+    """Raise ValueError unless `backend` is one of CHOICES."""
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}; got {backend!r}")
+
+
+def unavailable_reason(name, device):
+    """None if backend `name` can run on `device`, else why not."""
+    module = _module(name)
+    if isinstance(module, str):
+        return module
+    return module.unavailable_reason(torch.device(device))
+
+
+def resolve(backend, device):
+    """The backend module to use for tensors on `device`.
+
+    "auto" picks the first of BACKEND_NAMES that can run there; a named
+    backend that cannot run raises RuntimeError saying why."""
+    check_name(backend)
+    if backend == "auto":
+        for name in BACKEND_NAMES:
+            if unavailable_reason(name, device) is None:
+                return _module(name)
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(
+            f"backend={backend!r} cannot run on {torch.device(device)} here: {reason}. "
+            f"Available: {', '.join(repr(n) for n in available(device))}")
+    return _module(backend)
+
+
+def available(device="cpu"):
+    """Names of the backends that can run on `device` here."""
+    return [name for name in BACKEND_NAMES if unavailable_reason(name, device) is None]

@@ -1,0 +1,67 @@
+"""Pure-PyTorch backend: the executable specification of one DPS update.
+
+Short and obvious on purpose; every fast backend is tested against it.
+All arithmetic is fp32 whatever the parameter dtype (state is fp32 too).
+"""
+import torch
+
+from .. import selection
+
+NAME = "torch"
+
+
+def unavailable_reason(device: torch.device):
+    """None: plain PyTorch runs on every device."""
+    return None
+
+
+def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step out of place, in torch.optim.AdamW's order of operations.
+
+    Returns the new (param, exp_avg, exp_avg_sq); all fp32."""
+    param = param * (1 - lr * weight_decay)
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5 + eps
+    return param - step_size * (exp_avg / denom), exp_avg, exp_avg_sq
+
+
+def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+           grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False):
+    """Update every tensor of one group in place.
+
+    steps: the bias-correction step of each tensor, already advanced.
+    grad_coef: optional 0-dim tensor (a pending gradient-clip factor) applied to
+        the gradient the update uses, not to the one that is scored.
+    scores / reset_scores: explore steps: score := g*g where reset, else += g*g.
+    masks: exploit steps: packed masks (dps_fast.selection); freeze=False zeroes the masked-out
+        gradient (published "grad" semantics), freeze=True leaves masked-out
+        entries and their moments untouched.
+    """
+    for i, param in enumerate(params):
+        grad = grads[i].float()
+        if scores is not None:
+            if reset_scores[i]:
+                scores[i].copy_(grad * grad)
+            else:
+                scores[i].addcmul_(grad, grad)
+        if grad_coef is not None:
+            grad = grad * grad_coef
+        mask = None if masks is None else selection.unpack_mask(masks[i], param.shape)
+        if mask is not None and not freeze:
+            grad = grad * mask
+        new_param, new_avg, new_avg_sq = adamw_math(
+            param.float(), grad, exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1, beta2, eps, weight_decay)
+        if mask is not None and freeze:
+            new_param = torch.where(mask, new_param, param.float())
+            new_avg = torch.where(mask, new_avg, exp_avgs[i])
+            new_avg_sq = torch.where(mask, new_avg_sq, exp_avg_sqs[i])
+        param.copy_(new_param)
+        exp_avgs[i].copy_(new_avg)
+        exp_avg_sqs[i].copy_(new_avg_sq)
+
+
+def select_masks(scores, sparsity):
+    """One packed mask per score tensor (see dps_fast.selection)."""
+    return [selection.pack_mask(selection.select_mask(score, sparsity)) for score in scores]

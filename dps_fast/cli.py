@@ -1,0 +1,23 @@
+"""`dps-fast` command line (also `python -m dps_fast`).
+
+Each subcommand lives in its own module exposing add_arguments(parser) and
+run(args); this file only wires them up.
+"""
+import argparse
+import importlib
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "demo": ("dps_fast.demo", "a short synthetic fine-tune: AdamW vs DPS"),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="dps-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        modules[name] = importlib.import_module(module_name)
+        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return modules[args.command].run(args)

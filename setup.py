@@ -1,0 +1,4 @@
+"""Build script. The package is pure Python; compiled kernels are optional."""
+from setuptools import setup
+
+setup()
