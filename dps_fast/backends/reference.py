@@ -28,7 +28,8 @@ def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 
 def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-           grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False):
+           grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
+           inv_scale=None, found_inf=None):
     """Update every tensor of one group in place.
 
     steps: the bias-correction step of each tensor, already advanced.
@@ -38,9 +39,16 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
     masks: exploit steps: packed masks (dps_fast.selection); freeze=False zeroes the masked-out
         gradient (published "grad" semantics), freeze=True leaves masked-out
         entries and their moments untouched.
+    inv_scale / found_inf: optional 0-dim fp32 tensors from a GradScaler: the
+        gradient is multiplied by inv_scale before anything else (scoring
+        included), and nothing at all is written when found_inf is nonzero.
     """
+    if found_inf is not None and found_inf.item() != 0:
+        return
     for i, param in enumerate(params):
         grad = grads[i].float()
+        if inv_scale is not None:
+            grad = grad * inv_scale
         if scores is not None:
             if reset_scores[i]:
                 scores[i].copy_(grad * grad)
