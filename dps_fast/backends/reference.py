@@ -16,15 +16,14 @@ def unavailable_reason(device: torch.device):
 
 
 def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step out of place, in torch.optim.AdamW's order of operations.
-
-    Returns the new (param, exp_avg, exp_avg_sq); all fp32."""
+    """One AdamW step out of place, op for op as torch.optim.AdamW (so that the
+    two agree to the bit). Returns the new (param, exp_avg, exp_avg_sq)."""
     param = param * (1 - lr * weight_decay)
     exp_avg = exp_avg.lerp(grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
     step_size = lr / (1 - beta1**step)
-    denom = exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5 + eps
-    return param - step_size * (exp_avg / denom), exp_avg, exp_avg_sq
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    return param.addcdiv_(exp_avg, denom, value=-step_size), exp_avg, exp_avg_sq
 
 
 def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,

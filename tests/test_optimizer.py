@@ -1,0 +1,413 @@
+"""DPSAdamW's torch.optim contract and its semantics beyond the parity tests."""
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dps_fast import DPSAdamW, param_groups
+from dps_fast.demo import TinyEncoder
+from dps_fast.schedule import phase_of, stage_of
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
+
+
+def batch(step, size=8):
+    generator = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, 16, (size, 8), generator=generator)
+    return tokens, (tokens[:, 0] > 7).long()
+
+
+def train_step(model, opt, step, clip=None):
+    tokens, labels = batch(step)
+    loss = F.cross_entropy(model(tokens), labels)
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        opt.clip_grad_norm_(clip)
+    opt.step()
+    return loss
+
+
+# ----- schedule ------------------------------------------------------------------
+
+def test_stage_arithmetic_matches_spec_example():
+    # T = 23: steps 1-23 explore, 24-46 exploit, 47-69 explore
+    assert [stage_of(s, 23) for s in (1, 23, 24, 46, 47, 69, 70)] == [1, 1, 2, 2, 3, 3, 4]
+    assert [phase_of(s, 23) for s in (1, 23, 24, 46, 47)] == ["explore"] * 2 + ["exploit"] * 2 + ["explore"]
+
+
+def test_stage_steps_from_total_steps():
+    param = nn.Parameter(torch.zeros(3))
+    assert DPSAdamW([param], total_steps=468, stage_ratio=0.05).param_groups[0]["stage_steps"] == 23
+
+
+def test_phase_and_mask_follow_optimizer_steps():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2)
+    weight = model.pooler.weight
+    phases = []
+    for step in range(1, 8):
+        phases.append(opt.phase)
+        train_step(model, opt, step)
+        if step < 3:
+            assert opt.mask(weight) is None
+        else:
+            mask = opt.mask(weight)
+            assert mask.shape == weight.shape and mask.dtype == torch.bool
+            assert mask.sum() >= math.ceil(weight.numel() * 0.7)
+    assert phases == ["explore", "explore", "exploit", "exploit", "explore", "explore", "exploit"]
+    assert opt.mask(model.pooler.bias) is None  # unmanaged
+
+
+# ----- equal to AdamW where DPS does nothing --------------------------------------
+
+@pytest.mark.parametrize("how", ["sparsity0", "plain-group"])
+def test_equals_torch_adamw(how):
+    model, reference = tiny_model(), tiny_model()
+    hyper = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05)
+    if how == "sparsity0":
+        opt = DPSAdamW(model.parameters(), **hyper, sparsity=0.0, stage_steps=2)
+    else:
+        opt = DPSAdamW([{"params": model.parameters(), "dps": False}], **hyper, stage_steps=2)
+    torch_opt = torch.optim.AdamW(reference.parameters(), **hyper)
+    for step in range(1, 10):
+        train_step(model, opt, step)
+        train_step(reference, torch_opt, step)
+        for mine, theirs in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+# ----- masked semantics ----------------------------------------------------------
+
+def _hand_step(opt, param, grad):
+    param.grad = grad.clone()
+    opt.step()
+
+
+@pytest.mark.parametrize("masked", ["grad", "freeze"])
+def test_masked_entries(masked):
+    param = nn.Parameter(torch.ones(10))
+    opt = DPSAdamW([param], lr=0.1, weight_decay=0.1, sparsity=0.3, stage_steps=1, masked=masked)
+    _hand_step(opt, param, torch.arange(10.0))  # explore: entries 0-2 score lowest
+    before = param.detach().clone()
+    moments = opt.state[param]["exp_avg"].clone(), opt.state[param]["exp_avg_sq"].clone()
+    _hand_step(opt, param, torch.ones(10))  # exploit
+    frozen = ~opt.mask(param)
+    assert frozen.tolist() == [True] * 3 + [False] * 7
+    assert not torch.equal(param[~frozen], before[~frozen])
+    if masked == "freeze":
+        assert torch.equal(param[frozen], before[frozen])
+        assert torch.equal(opt.state[param]["exp_avg"][frozen], moments[0][frozen])
+        assert torch.equal(opt.state[param]["exp_avg_sq"][frozen], moments[1][frozen])
+    else:  # zero gradient: momentum and weight decay go on
+        assert not torch.equal(param[frozen], before[frozen])
+        torch.testing.assert_close(opt.state[param]["exp_avg"][frozen], 0.9 * moments[0][frozen])
+    assert opt.state[param]["step"] == 2
+
+
+# ----- state_dict ----------------------------------------------------------------
+
+def _train(model, opt, steps, start=1):
+    for step in range(start, start + steps):
+        train_step(model, opt, step, clip=1.0)
+
+
+@pytest.mark.parametrize("variant", ["dense", "mix"])
+@pytest.mark.parametrize("stop", [2, 3, 4, 5, 8])  # T = 3: boundary between 3 and 4, and 6 and 7
+def test_resume_mid_stage_is_bit_for_bit(variant, stop):
+    total = 11
+
+    def fresh():
+        model = tiny_model()
+        opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=3, variant=variant)
+        if variant == "mix":
+            opt.attach_mix(model)
+        return model, opt
+
+    torch.manual_seed(7)
+    model, opt = fresh()
+    _train(model, opt, total)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(7)
+    model, opt = fresh()
+    _train(model, opt, stop)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    del model, opt
+
+    model, opt = fresh()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    torch.set_rng_state(checkpoint["rng"])
+    _train(model, opt, total - stop, start=stop + 1)
+    for got, want in zip(model.parameters(), expected):
+        assert torch.equal(got, want)
+
+
+def test_load_state_dict_keeps_fp32_state_of_bf16_params():
+    param = nn.Parameter(torch.randn(64).bfloat16())
+    opt = DPSAdamW([param], lr=1e-2, stage_steps=1)
+    for _ in range(3):
+        _hand_step(opt, param, torch.randn(64).bfloat16())
+    state = opt.state_dict()
+    other = DPSAdamW([nn.Parameter(param.detach().clone())], lr=1e-2, stage_steps=1)
+    other.load_state_dict(state)
+    loaded = other.state[other.param_groups[0]["params"][0]]
+    assert loaded["exp_avg"].dtype == torch.float32 and loaded["score"].dtype == torch.float32
+    assert torch.equal(loaded["exp_avg"], opt.state[param]["exp_avg"])
+    assert loaded["mask"].dtype == torch.uint8
+
+
+def test_low_precision_params_use_fp32_state():
+    for dtype in (torch.bfloat16, torch.float16):
+        param = nn.Parameter(torch.randn(32).to(dtype))
+        opt = DPSAdamW([param], lr=1e-2, stage_steps=1)
+        _hand_step(opt, param, torch.randn(32).to(dtype))
+        assert param.dtype == dtype
+        assert opt.state[param]["exp_avg"].dtype == torch.float32
+
+
+# ----- the rest of the torch.optim contract ----------------------------------------
+
+def test_lr_scheduler_drives_lr():
+    param = nn.Parameter(torch.zeros(4))
+    opt = DPSAdamW([param], lr=1.0, weight_decay=0.0, sparsity=0.0, stage_steps=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for lr in (1.0, 0.5, 0.25):
+        assert opt.param_groups[0]["lr"] == lr
+        before = param.detach().clone()
+        _hand_step(opt, param, torch.ones(4))
+        # Adam's first steps move by about lr with a constant gradient
+        torch.testing.assert_close(before - param.detach(), torch.full((4,), lr), rtol=1e-4, atol=0)
+        scheduler.step()
+
+
+def test_add_param_group_joins_the_schedule():
+    first = nn.Parameter(torch.randn(10))
+    opt = DPSAdamW([first], lr=1e-2, stage_steps=2)
+    for _ in range(3):
+        _hand_step(opt, first, torch.randn(10))
+    second = nn.Parameter(torch.randn(10))
+    opt.add_param_group({"params": [second], "lr": 0.5})
+    assert opt.param_groups[1]["dps_step"] == 3 and opt.param_groups[1]["stage_steps"] == 2
+    first.grad, second.grad = torch.randn(10), torch.randn(10)
+    opt.step()  # step 4: exploitation; `second` has no score yet and is updated densely
+    assert opt.mask(first) is not None and opt.mask(second) is None
+    with pytest.raises(ValueError, match="sparsity"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "sparsity": 1.0})
+    assert len(opt.param_groups) == 2
+
+
+def test_closure_is_called_and_its_loss_returned():
+    model = tiny_model()
+    opt = DPSAdamW(model.parameters(), stage_steps=2)
+    tokens, labels = batch(0)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert opt.param_groups[0]["dps_step"] == 1
+
+
+def test_zero_grad():
+    param = nn.Parameter(torch.randn(5))
+    opt = DPSAdamW([param], stage_steps=2)
+    param.grad = torch.ones(5)
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(param.grad, torch.zeros(5))
+    opt.zero_grad()
+    assert param.grad is None
+
+
+def test_grad_scaler_inf_step_changes_nothing():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(1, 5):
+        tokens, labels = batch(step)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(tokens), labels)).backward()
+        if step == 3:  # first exploitation step gets an inf
+            model.pooler.weight.grad[0, 0] = float("inf")
+            params = [p.detach().clone() for p in model.parameters()]
+            state = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                     for p, s in opt.state.items()}
+            steps = [g["dps_step"] for g in opt.param_groups]
+        scaler.unscale_(opt)
+        opt.clip_grad_norm_(1.0)
+        scaler.step(opt)
+        scaler.update()
+        if step == 3:
+            assert [g["dps_step"] for g in opt.param_groups] == steps
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+            for param in opt.state:
+                saved, now = state[id(param)], opt.state[param]
+                # the mask may have been selected (from unchanged scores) for clipping; nothing else moved
+                assert set(now) - set(saved) <= {"mask", "mask_stage"}
+                for key, value in saved.items():
+                    same = torch.equal(value, now[key]) if isinstance(value, torch.Tensor) else value == now[key]
+                    assert same, key
+    assert opt.param_groups[0]["dps_step"] == 3
+
+
+# ----- clipping ------------------------------------------------------------------
+
+def test_clip_grad_norm_clips_the_masked_gradient_and_scores_the_raw_one():
+    param = nn.Parameter(torch.zeros(10))
+    opt = DPSAdamW([param], lr=0.1, weight_decay=0.0, sparsity=0.5, stage_steps=1, masked="grad")
+    raw = torch.arange(10.0)
+    param.grad = raw.clone()
+    norm = opt.clip_grad_norm_(1.0)
+    assert norm.item() == pytest.approx(raw.norm().item())
+    opt.step()
+    assert torch.equal(opt.state[param]["score"], raw * raw)  # unclipped
+    torch.testing.assert_close(opt.state[param]["exp_avg"], 0.1 * raw / (raw.norm() + 1e-6))
+    param.grad = torch.ones(10) * 3
+    norm = opt.clip_grad_norm_(1.0)  # exploitation: only the 5 kept entries count
+    assert norm.item() == pytest.approx(math.sqrt(5 * 9))
+
+
+def test_clip_is_dropped_when_gradients_change_after_it():
+    param = nn.Parameter(torch.zeros(4))
+    opt = DPSAdamW([param], lr=0.1, weight_decay=0.0, stage_steps=5)
+    param.grad = torch.ones(4) * 10
+    opt.clip_grad_norm_(1.0)
+    param.grad.mul_(2)
+    with pytest.warns(UserWarning, match="clip"):
+        opt.step()
+    torch.testing.assert_close(opt.state[param]["exp_avg"], torch.full((4,), 2.0))
+
+
+# ----- DPS-Mix specifics -----------------------------------------------------------
+
+def test_mix_eval_uses_raw_weights_and_train_mixes():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix", sparsity=0.5)
+    tokens, _ = batch(0)
+    model.eval()
+    with torch.no_grad():
+        plain = model(tokens)
+    handle = opt.attach_mix(model)  # W0 captured here
+    with torch.no_grad():
+        for group in opt.param_groups[:1]:
+            for param in group["params"]:
+                param.mul_(1.5)  # W moves away from W0, so mixing toward W0 shows
+        model.eval()
+        plain = model(tokens)
+        assert torch.equal(model(tokens), plain)  # eval: W itself
+        model.train()
+        assert not torch.allclose(model(tokens), plain)  # train: random mixing
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain)
+
+
+def test_mix_requires_attach():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
+    tokens, labels = batch(0)
+    F.cross_entropy(model(tokens), labels).backward()
+    with pytest.raises(RuntimeError, match="attach_mix"):
+        opt.step()
+    assert opt.param_groups[0]["dps_step"] == 0 and not opt.state
+
+
+def test_mix_attach_twice_raises():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
+    opt.attach_mix(model)
+    with pytest.raises(RuntimeError, match="attached twice"):
+        opt.attach_mix(model)
+
+
+# ----- param_groups ----------------------------------------------------------------
+
+def test_param_groups_follow_the_paper():
+    model = tiny_model()
+    groups = param_groups(model, weight_decay=0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    managed, decayed, undecayed = ([names[id(p)] for p in g["params"]] for g in groups)
+    assert all(n.endswith("weight") and "norm" not in n for n in managed)
+    assert "pooler.weight" in managed and "classifier.weight" in managed and "blocks.0.query.weight" in managed
+    assert sorted(decayed) == ["embed.weight", "position"]
+    assert "blocks.0.norm1.weight" in undecayed and "classifier.bias" in undecayed
+    assert [g["weight_decay"] for g in groups] == [0.02, 0.02, 0.0]
+    assert [g.get("dps", True) for g in groups] == [True, False, False]
+    assert len(managed) + len(decayed) + len(undecayed) == len(list(model.parameters()))
+
+
+# ----- bad input ---------------------------------------------------------------------
+
+def _param():
+    return nn.Parameter(torch.zeros(3))
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(sparsity=1.0), ValueError, "sparsity must be a number in \\[0, 1\\)"),
+    (dict(sparsity=-0.1), ValueError, "sparsity"),
+    (dict(stage_steps=0), ValueError, "stage_steps must be an integer >= 1"),
+    (dict(stage_steps=2.5), ValueError, "stage_steps"),
+    (dict(stage_steps=None), ValueError, "stage_steps .* or total_steps"),
+    (dict(stage_steps=None, total_steps=10, stage_ratio=0.05), ValueError, "int\\(total_steps \\* stage_ratio\\)"),
+    (dict(stage_steps=None, total_steps=0), ValueError, "total_steps must be"),
+    (dict(stage_steps=None, total_steps=100, stage_ratio=0.0), ValueError, "stage_ratio"),
+    (dict(total_steps=100), ValueError, "not both"),
+    (dict(variant="sparse"), ValueError, "variant must be one of \\('dense', 'mix'\\)"),
+    (dict(masked="zero"), ValueError, "masked must be one of \\('grad', 'freeze'\\)"),
+    (dict(backend="gpu"), ValueError, "backend must be one of 'auto', "),
+    (dict(lr=-1.0), ValueError, "lr must be"),
+    (dict(eps=-1e-8), ValueError, "eps must be"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay must be"),
+    (dict(betas=(0.9, 1.0)), ValueError, "betas must be a pair of numbers in \\[0, 1\\)"),
+    (dict(betas=(-0.1, 0.9)), ValueError, "betas"),
+    (dict(betas=(0.9,)), ValueError, "betas"),
+])
+def test_bad_arguments(kwargs, error, words):
+    kwargs = {"stage_steps": 5, **kwargs}
+    with pytest.raises(error, match=words):
+        DPSAdamW([_param()], **kwargs)
+
+
+def test_bad_params():
+    with pytest.raises(TypeError, match="real floating-point"):
+        DPSAdamW([nn.Parameter(torch.zeros(3, dtype=torch.complex64))], stage_steps=5)
+    with pytest.raises(TypeError, match="floating-point"):
+        DPSAdamW([torch.zeros(3, dtype=torch.int64)], stage_steps=5)
+    with pytest.raises(ValueError, match="variant"):
+        DPSAdamW([{"params": [_param()], "variant": "other"}], stage_steps=5)
+    with pytest.raises(TypeError, match="dps must be True or False"):
+        DPSAdamW([{"params": [_param()], "dps": "yes"}], stage_steps=5)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    from dps_fast import backends
+    missing = [name for name in backends.BACKEND_NAMES if name not in backends.available("cpu")]
+    if not missing:
+        pytest.skip("every backend runs on this machine")
+    with pytest.raises(RuntimeError, match=f"backend='{missing[0]}' cannot run on cpu here: .+Available: "):
+        DPSAdamW([_param()], stage_steps=5, backend=missing[0])
+
+
+def test_sparse_gradient_is_refused_before_anything_changes():
+    dense, sparse = _param(), _param()
+    opt = DPSAdamW([dense, sparse], stage_steps=5)
+    dense.grad = torch.ones(3)
+    sparse.grad = torch.ones(3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(dense, torch.zeros(3)) and not opt.state and opt.param_groups[0]["dps_step"] == 0
