@@ -111,10 +111,6 @@ class DPSAdamW(Optimizer):
         self._pending_clip = None
         self._group_index = None
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            # Fail at construction, not at the first step, if the backend cannot run.
-            for param in group["params"]:
-                self._backend_for(param.device)
 
     # ----- param groups and state -------------------------------------------------
 
@@ -126,9 +122,8 @@ class DPSAdamW(Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         _check_params(params)
         _check_hyperparameters({**self.defaults, **param_group})
-        for param in params:
-            if hasattr(self, "backend"):  # not yet set while torch validates defaults
-                self._backend_for(param.device)
+        for param in params:  # fail now, not at the first step, if the backend cannot run there
+            self._backend_for(param.device)
         param_group = {**param_group, "params": params}
         param_group.setdefault("dps_step", self.param_groups[0]["dps_step"] if self.param_groups else 0)
         super().add_param_group(param_group)
