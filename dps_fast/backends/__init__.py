@@ -16,7 +16,7 @@ import torch
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
 CHOICES = ("auto",) + BACKEND_NAMES
 
-_MODULES = {"torch": "reference"}
+_MODULES = {"cuda": "cuda", "triton": "triton_backend", "cpu": "cpu", "torch": "reference"}
 
 
 def _module(name):
@@ -51,6 +51,9 @@ def resolve(backend, device):
     check_name(backend)
     if backend == "auto":
         for name in BACKEND_NAMES:
+            # Triton on the CPU is its interpreter: a test tool, never the fast choice.
+            if name == "triton" and torch.device(device).type == "cpu":
+                continue
             if unavailable_reason(name, device) is None:
                 return _module(name)
     reason = unavailable_reason(backend, device)

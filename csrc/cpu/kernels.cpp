@@ -1,0 +1,155 @@
+// CPU kernels of one chunk. This file is compiled once per instruction set
+// with -DDPS_ISA=<name> and matching -m flags; keep every helper static (see
+// dps_math.h) so that the copies cannot mix at link time.
+#include "kernels.h"
+
+#include <string.h>
+
+#ifndef DPS_ISA
+#error "compile with -DDPS_ISA=avx512|avx2|base"
+#endif
+
+namespace dps {
+namespace cpu {
+namespace DPS_ISA {
+namespace {
+
+// One entry; __restrict on the arrays lets the loops below vectorise without alias checks.
+template <int M, bool RESET, typename P>
+inline __attribute__((always_inline)) void entry(P* __restrict p, const P* __restrict g, float* __restrict m,
+                                                 float* __restrict v, float* __restrict s, int64_t i, bool keep,
+                                                 float inv_scale, float grad_coef, const Hyper& h,
+                                                 const StepConsts& t) {
+  float pf = load_value(p[i]);
+  float mf = m[i], vf = v[i];
+  float sf = (M == kExplore && !RESET) ? s[i] : 0.0f;
+  dps_entry<M>(pf, load_value(g[i]), mf, vf, sf, keep, RESET, inv_scale, grad_coef, h, t);
+  p[i] = store_value<P>(pf);
+  m[i] = mf;
+  v[i] = vf;
+  if (M == kExplore) s[i] = sf;
+}
+
+template <int M, bool RESET, typename P>
+void update_typed(const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
+                  const Hyper& h) {
+  P* __restrict p = (P*)a.p;
+  const P* __restrict g = (const P*)a.g;
+  float* __restrict m = a.m;
+  float* __restrict v = a.v;
+  float* __restrict s = a.s;
+  const uint8_t* __restrict mask = a.mask;
+  const StepConsts t = a.step;
+  if (M == kExploitGrad || M == kExploitFreeze) {
+    // 32 entries share one 32-bit word of the mask: one vector AND per lane group
+    int64_t i = begin;
+    for (; i + 32 <= end; i += 32) {
+      uint32_t word;
+      memcpy(&word, mask + (i >> 3), 4);
+      for (int j = 0; j < 32; ++j)
+        entry<M, RESET, P>(p, g, m, v, s, i + j, (word & (1u << j)) != 0, inv_scale, grad_coef, h, t);
+    }
+    for (; i < end; ++i)
+      entry<M, RESET, P>(p, g, m, v, s, i, (mask[i >> 3] >> (i & 7)) & 1u, inv_scale, grad_coef, h, t);
+  } else {
+    for (int64_t i = begin; i < end; ++i) entry<M, RESET, P>(p, g, m, v, s, i, true, inv_scale, grad_coef, h, t);
+  }
+}
+
+template <typename P>
+void update_mode(int mode, const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
+                 const Hyper& h) {
+  switch (mode) {
+    case kPlain: return update_typed<kPlain, false, P>(a, begin, end, inv_scale, grad_coef, h);
+    case kExplore:
+      if (a.reset) return update_typed<kExplore, true, P>(a, begin, end, inv_scale, grad_coef, h);
+      return update_typed<kExplore, false, P>(a, begin, end, inv_scale, grad_coef, h);
+    case kExploitGrad: return update_typed<kExploitGrad, false, P>(a, begin, end, inv_scale, grad_coef, h);
+    case kExploitFreeze: return update_typed<kExploitFreeze, false, P>(a, begin, end, inv_scale, grad_coef, h);
+  }
+}
+
+// Parameters and gradients share a dtype (autograd guarantees it).
+void update(int mode, int dtype, const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
+            const Hyper& h) {
+  switch (dtype) {
+    case kFloat32: return update_mode<float>(mode, a, begin, end, inv_scale, grad_coef, h);
+    case kBFloat16: return update_mode<bf16_t>(mode, a, begin, end, inv_scale, grad_coef, h);
+    case kFloat16: return update_mode<f16_t>(mode, a, begin, end, inv_scale, grad_coef, h);
+  }
+}
+
+void histogram(const float* __restrict score, int64_t begin, int64_t end, const RadixState& state, int pass,
+               uint32_t* __restrict hist) {
+  // Scores crowd into few bins, so consecutive increments often hit the same
+  // counter: four interleaved sub-histograms break that dependency chain.
+  uint32_t sub[4][kRadixBins];
+  memset(sub, 0, sizeof(sub));
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      uint32_t key = score_key(score[i + j]);
+      if (radix_candidate(state, key)) sub[j][radix_digit(key, pass)]++;
+    }
+  }
+  for (; i < end; ++i) {
+    uint32_t key = score_key(score[i]);
+    if (radix_candidate(state, key)) sub[0][radix_digit(key, pass)]++;
+  }
+  for (int d = 0; d < kRadixBins; ++d) hist[d] += sub[0][d] + sub[1][d] + sub[2][d] + sub[3][d];
+}
+
+int64_t collect(const float* __restrict score, int64_t begin, int64_t end, uint32_t low, uint32_t high,
+                uint32_t* __restrict out, int64_t cap, int64_t* above) {
+  // Branch-free vector passes over 32 entries (bit masks, like mask() below);
+  // the rare ones in [low, high] are then picked out of their mask.
+  int64_t count = 0, found = 0;
+  int64_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    uint32_t over = 0, inside = 0;
+    for (int j = 0; j < 32; ++j) over |= (uint32_t)(score_key(score[i + j]) > high) << j;
+    for (int j = 0; j < 32; ++j) inside |= (uint32_t)(score_key(score[i + j]) - low <= high - low) << j;
+    count += __builtin_popcount(over);
+    while (inside) {
+      if (found == cap) return -1;
+      out[found++] = score_key(score[i + __builtin_ctz(inside)]);
+      inside &= inside - 1;
+    }
+  }
+  for (; i < end; ++i) {
+    uint32_t key = score_key(score[i]);
+    count += key > high;
+    if (key >= low && key <= high) {
+      if (found == cap) return -1;
+      out[found++] = key;
+    }
+  }
+  *above = count;
+  return found;
+}
+
+void mask(const float* __restrict score, uint8_t* __restrict mask, int64_t begin, int64_t end, float threshold) {
+  int64_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    uint32_t word = 0;
+    for (int j = 0; j < 32; ++j) word |= (uint32_t)(score[i + j] >= threshold) << j;
+    memcpy(mask + (i >> 3), &word, 4);
+  }
+  for (; i < end; i += 8) {  // the last partial word, byte by byte; bits past `end` stay 0
+    uint32_t byte = 0;
+    for (int j = 0; j < 8 && i + j < end; ++j) byte |= (uint32_t)(score[i + j] >= threshold) << j;
+    mask[i >> 3] = (uint8_t)byte;
+  }
+}
+
+}  // namespace
+
+// Constant data, not a function: no code built for this instruction set
+// runs before the CPU is known to support it.
+#define DPS_STR2(x) #x
+#define DPS_STR(x) DPS_STR2(x)
+extern const Kernels kernels = {DPS_STR(DPS_ISA), update, histogram, collect, mask};
+
+}  // namespace DPS_ISA
+}  // namespace cpu
+}  // namespace dps

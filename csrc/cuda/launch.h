@@ -1,0 +1,32 @@
+// What the CUDA kernels (kernels.cu, built by nvcc) offer the Python module
+// (module.cpp, built by the host compiler): plain C++ with no CUDA types.
+#pragma once
+#include <stdint.h>
+
+#include <string>
+#include <vector>
+
+#include "../dps_table.h"
+
+namespace dps {
+namespace cuda {
+
+// "" if the runtime reaches a CUDA device, else why not.
+std::string unavailable_reason();
+// The CUDA runtime version the module was built with, e.g. 13000.
+int runtime_version();
+// Throws std::runtime_error saying why when no CUDA device is usable.
+int device_count();
+
+// One launch for every tensor (all of dtype `dtype` on `device`), queued on
+// `stream` (a cudaStream_t as an integer). grad_coef, inv_scale and found_inf
+// are device addresses of fp32 scalars, or 0 when absent; a nonzero
+// *found_inf makes the kernel write nothing.
+void update(int device, int64_t stream, int mode, int dtype, const std::vector<TensorArgs>& tensors,
+            const Hyper& hyper, int64_t grad_coef, int64_t inv_scale, int64_t found_inf);
+
+// Packed masks of the k largest scores of each tensor (ties kept), queued on `stream`.
+void select(int device, int64_t stream, const std::vector<SelectArgs>& tensors);
+
+}  // namespace cuda
+}  // namespace dps

@@ -1,0 +1,52 @@
+// Python module dps_fast._cuda_kernels: the CUDA update and selection
+// (kernels.cu). Arguments are raw addresses, sizes and the stream as
+// integers, so no torch header is needed; built with the host compiler.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "launch.h"
+
+namespace py = pybind11;
+
+#ifndef DPS_CUDA_ARCHS
+#define DPS_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_cuda_kernels, m) {
+  using namespace dps;
+  m.doc() = "dps_fast CUDA kernels (see dps_fast/backends/cuda.py)";
+  m.def(
+      "update",
+      [](int device, int64_t stream, int mode, int dtype, std::vector<int64_t> p, std::vector<int64_t> g,
+         std::vector<int64_t> m_, std::vector<int64_t> v, std::vector<int64_t> s, std::vector<int64_t> mask,
+         std::vector<int64_t> numel, std::vector<int64_t> steps, std::vector<int64_t> reset, double lr, double beta1,
+         double beta2, double eps, double weight_decay, int64_t grad_coef, int64_t inv_scale, int64_t found_inf) {
+        UpdateLists lists{std::move(p), std::move(g), std::move(m_), std::move(v), std::move(s),
+                          std::move(mask), std::move(numel), std::move(steps), std::move(reset)};
+        std::vector<TensorArgs> tensors = make_tensor_args(mode, lists, lr, beta1, beta2, dtype_size(dtype));
+        Hyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay);
+        py::gil_scoped_release release;
+        cuda::update(device, stream, mode, dtype, tensors, hyper, grad_coef, inv_scale, found_inf);
+      },
+      "One launch updating every tensor (addresses of contiguous tensors on `device`), queued on `stream`.");
+  m.def(
+      "select",
+      [](int device, int64_t stream, const std::vector<int64_t>& scores, const std::vector<int64_t>& masks,
+         const std::vector<int64_t>& numels, const std::vector<int64_t>& ks) {
+        std::vector<SelectArgs> tensors = make_select_args(scores, masks, numels, ks);
+        py::gil_scoped_release release;
+        cuda::select(device, stream, tensors);
+      },
+      "Packed top-k masks (ties kept) of fp32 score tensors, queued on `stream`.");
+  m.def(
+      "unavailable_reason",
+      []() -> py::object {
+        std::string reason = cuda::unavailable_reason();
+        if (reason.empty()) return py::none();
+        return py::str(reason);
+      },
+      "None if the CUDA runtime reaches a GPU, else why not.");
+  m.def("device_count", &cuda::device_count, "GPUs the runtime sees; RuntimeError saying why if none is usable.");
+  m.attr("archs") = DPS_CUDA_ARCHS;
+  m.attr("runtime_version") = cuda::runtime_version();
+}

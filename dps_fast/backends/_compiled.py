@@ -1,0 +1,106 @@
+"""What the compiled backends (cpu.py, cuda.py) share: loading a compiled
+module, and turning a backend call into the raw addresses and sizes the
+kernels take (csrc/dps_table.h describes the other side).
+
+Tensors the kernels cannot take (non-contiguous, float64, ...) go through the
+reference backend instead, so every call gives the reference's result.
+"""
+import importlib
+import math
+import operator
+
+import torch
+
+from .. import selection
+from . import reference
+
+# csrc/dps_math.h: enum Mode and enum DType
+PLAIN, EXPLORE, EXPLOIT_GRAD, EXPLOIT_FREEZE = range(4)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_contiguous = torch.Tensor.is_contiguous
+_dtype = operator.attrgetter("dtype")
+
+
+def load(module_name):
+    """(module, None) or (None, why it cannot be imported)."""
+    try:
+        return importlib.import_module(module_name), None
+    except ImportError as error:
+        return None, (f"the compiled module {module_name} is not built ({error}); reinstall with a C++ "
+                      "toolchain and cmake (see `dps-fast info`)")
+
+
+def _split(params, grads):
+    """{dtype: indices} of the tensors the kernels take (None: all of them, the
+    usual case, found with a few C-level passes), and the indices they do not."""
+    dtypes = list(map(_dtype, params))
+    first = dtypes[0]
+    if (first in DTYPE_CODES and dtypes.count(first) == len(dtypes) and list(map(_dtype, grads)) == dtypes
+            and all(map(_contiguous, params)) and all(map(_contiguous, grads))):
+        return {first: None}, []
+    by_dtype, others = {}, []
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        if param.dtype in DTYPE_CODES and grad.dtype == param.dtype and param.is_contiguous() and grad.is_contiguous():
+            by_dtype.setdefault(param.dtype, []).append(i)
+        else:
+            others.append(i)
+    return by_dtype, others
+
+
+def _scalar(value, device):
+    """A 0-dim fp32 tensor on `device` (or None), for a kernel to read."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(float(value))
+    return value.to(device=device, dtype=torch.float32).reshape(())
+
+
+def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+           weight_decay, grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
+           inv_scale=None, found_inf=None):
+    """The reference backend's update, run by `launch(mode, dtype, lists, scalars)`
+    once per dtype; lists are the kernels' per-tensor address lists."""
+    if not params:
+        return
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
+    if scores is not None:
+        mode = EXPLORE
+    elif masks is not None:
+        mode = EXPLOIT_FREEZE if freeze else EXPLOIT_GRAD
+    else:
+        mode = PLAIN
+    by_dtype, others = _split(params, grads)
+    for dtype, indices in by_dtype.items():
+        if indices is None:
+            pick = lambda values: values  # noqa: E731
+        else:
+            pick = lambda values: [values[i] for i in indices]  # noqa: E731
+        lists = [list(map(_data_ptr, pick(params))), list(map(_data_ptr, pick(grads))),
+                 list(map(_data_ptr, pick(exp_avgs))), list(map(_data_ptr, pick(exp_avg_sqs))),
+                 list(map(_data_ptr, pick(scores))) if mode == EXPLORE else [],
+                 list(map(_data_ptr, pick(masks))) if mode in (EXPLOIT_GRAD, EXPLOIT_FREEZE) else [],
+                 list(map(_numel, pick(params))), pick(steps),
+                 pick(reset_scores) if mode == EXPLORE else []]
+        launch(mode, DTYPE_CODES[dtype], lists, hyper, [0 if s is None else s.data_ptr() for s in scalars])
+    if others:
+        pick = lambda values: None if values is None else [values[i] for i in others]  # noqa: E731
+        reference.update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), **hyper,
+                         grad_coef=grad_coef, scores=pick(scores), reset_scores=pick(reset_scores),
+                         masks=pick(masks), freeze=freeze, inv_scale=inv_scale, found_inf=found_inf)
+
+
+def select_masks(launch, scores, sparsity):
+    """Packed masks of `scores` (see dps_fast.selection), computed by
+    launch(score_addresses, mask_addresses, numels, ks) over fp32 contiguous scores."""
+    scores = [score.to(torch.float32).contiguous() for score in scores]  # no copy when already so
+    masks = [torch.empty(math.ceil(score.numel() / 8), dtype=torch.uint8, device=score.device) for score in scores]
+    numels = list(map(_numel, scores))
+    if scores:
+        launch(list(map(_data_ptr, scores)), list(map(_data_ptr, masks)), numels,
+               [selection.kept_count(n, sparsity) for n in numels])
+    return masks

@@ -1,0 +1,46 @@
+"""Compiled CPU backend: one OpenMP pass over chunks of all tensors per step
+(csrc/cpu), hot loops built for AVX-512, AVX2 and baseline x86-64 and picked
+for the CPU at run time; selection by parallel radix select (no sort).
+
+Same contract and results as the reference backend (reference.py)."""
+import torch
+
+from . import _compiled
+
+NAME = "cpu"
+
+_kernels, _import_error = _compiled.load("dps_fast._cpu_kernels")
+
+
+def unavailable_reason(device: torch.device):
+    """None on CPU tensors when the compiled module is built."""
+    if _kernels is None:
+        return _import_error
+    if torch.device(device).type != "cpu":
+        return f"the cpu backend updates CPU tensors only, not {torch.device(device).type} tensors"
+    return None
+
+
+def _module():
+    if _kernels is None:
+        raise RuntimeError(f"backend 'cpu' cannot run: {_import_error}")
+    return _kernels
+
+
+def _launch_update(mode, dtype, lists, hyper, scalars):
+    _module().update(mode, dtype, *lists, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+                     hyper["weight_decay"], *scalars, torch.get_num_threads())
+
+
+def update(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
+    """reference.update's contract, on CPU tensors."""
+    _compiled.update(_launch_update, torch.device("cpu"), params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs)
+
+
+def _launch_select(scores, masks, numels, ks):
+    _module().select(scores, masks, numels, ks, torch.get_num_threads())
+
+
+def select_masks(scores, sparsity):
+    """One packed mask per score tensor (see dps_fast.selection)."""
+    return _compiled.select_masks(_launch_select, scores, sparsity)

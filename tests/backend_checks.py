@@ -1,0 +1,140 @@
+"""Direct checks of a compiled backend against the reference backend, shared by
+tests/test_backend_cpu.py and tests/test_backend_cuda.py: select_masks on odd
+sizes and tied or signed scores, one update of several tensors in every mode
+and dtype (GradScaler and clip arguments included), found_inf, and tensors the
+kernels hand back to the reference. Each check takes the backend module and
+the device."""
+import math
+
+import torch
+
+from dps_fast import selection
+from dps_fast.backends import reference
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+CHUNK = 1 << 16  # the CPU kernels' chunk (csrc/cpu/module.cpp kChunk): sizes below cross it
+SIZES = [0, 1, 7, 4097, 2 * CHUNK + 37]
+MODES = ["plain", "explore", "explore-accumulate", "grad", "freeze"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _scores(kind, numel, generator):
+    if kind == "random":
+        return torch.rand(numel, generator=generator)
+    if kind == "tied":  # few distinct values: many ties at the threshold
+        return torch.randint(0, 4, (numel,), generator=generator).float()
+    if kind == "equal":
+        return torch.full((numel,), 0.25)
+    # signed values, both zeros, infinities, tiny numbers: the key orders them as floats do
+    values = torch.tensor([-1.5, -0.0, 0.0, 2.0, float("inf"), -float("inf"), 1e-30, -1e-30, 1e-45])
+    return values[torch.randint(0, len(values), (numel,), generator=generator)]
+
+
+def check_select(backend, device, numel, kind):
+    generator = torch.Generator().manual_seed(numel + len(kind))
+    score = _scores(kind, numel, generator)
+    for sparsity in (0.0, 0.3, 0.5, 0.99):
+        got, = backend.select_masks([score.to(device)], sparsity)
+        want, = reference.select_masks([score], sparsity)
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        assert torch.equal(got.cpu(), want), f"numel {numel}, {kind}, sparsity {sparsity}"
+
+
+def check_select_many(backend, device):
+    """Tensors of mixed sizes and shapes in one call."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(33, 17), (0, 3), (1,), (7,), (4097,), (2 * CHUNK + 37,), (64, 65)]
+    scores = [(torch.randint(0, 64, shape, generator=generator).float() / 16) ** 2 for shape in shapes]
+    got = backend.select_masks([s.to(device) for s in scores], 0.3)
+    want = reference.select_masks(scores, 0.3)
+    assert len(got) == len(want)
+    for g, w, shape in zip(got, want, shapes):
+        assert torch.equal(g.cpu(), w), shape
+        kept = selection.unpack_mask(g.cpu(), shape).sum().item()
+        assert kept >= selection.kept_count(math.prod(shape), 0.3)
+
+
+def _state(shapes, dtype, generator, device):
+    """params, grads (on the 1/16 grid: exact squares), moments and scores."""
+    params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    grads = [(torch.randint(-63, 64, s, generator=generator).float() / 16).to(dtype) for s in shapes]
+    avgs = [torch.randn(s, generator=generator) * 0.1 for s in shapes]
+    sqs = [torch.rand(s, generator=generator) * 0.01 for s in shapes]
+    scores = [torch.rand(s, generator=generator).mul(64).round() / 16 for s in shapes]
+    masks = [selection.pack_mask(torch.rand(s, generator=generator) < 0.7) for s in shapes]
+    every = [params, grads, avgs, sqs, scores, masks]
+    return [[t.to(device) for t in group] for group in every]
+
+
+def _compare(got, want, dtype, what):
+    """Scores (and the untouched gradients) exactly, fp32 to 1e-6, low-precision parameters to 1 ulp."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.cpu(), w.cpu()
+        if what in ("score", "grad"):
+            assert torch.equal(g, w), f"{what} {i}"
+        else:
+            tol = 1e-6 if what != "param" or dtype == torch.float32 else torch.finfo(dtype).eps
+            torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, msg=f"{what} {i}")
+
+
+def check_update(backend, device, mode, dtype, shapes, **scalars):
+    """One update of several tensors (per-tensor steps) against the reference.
+    mode: plain | explore | explore-accumulate | grad | freeze."""
+    generator = torch.Generator().manual_seed(len(shapes) + len(mode))
+    params, grads, avgs, sqs, scores, masks = _state(shapes, dtype, generator, device)
+    steps = [1 + 3 * i for i in range(len(shapes))]
+    kwargs = dict(HYPER, **scalars)
+    if mode.startswith("explore"):
+        kwargs.update(scores=scores, reset_scores=[mode == "explore" or i % 2 == 0 for i in range(len(shapes))])
+    elif mode in ("grad", "freeze"):
+        kwargs.update(masks=masks, freeze=mode == "freeze")
+    copies = [[t.cpu().clone() for t in group] for group in (params, grads, avgs, sqs, scores)]
+    want_kwargs = dict(kwargs)
+    if "scores" in kwargs:
+        want_kwargs["scores"] = copies[4]
+    if "masks" in kwargs:
+        want_kwargs["masks"] = [m.cpu() for m in masks]
+    for name in ("grad_coef", "inv_scale", "found_inf"):
+        if kwargs.get(name) is not None:
+            want_kwargs[name] = kwargs[name].cpu()
+    backend.update(params, grads, avgs, sqs, steps, **kwargs)
+    reference.update(copies[0], copies[1], copies[2], copies[3], steps, **want_kwargs)
+    _compare(params, copies[0], dtype, "param")
+    _compare(avgs, copies[2], dtype, "exp_avg")
+    _compare(sqs, copies[3], dtype, "exp_avg_sq")
+    _compare(scores, copies[4], dtype, "score")
+    _compare(grads, copies[1], dtype, "grad")  # never written
+
+
+def check_found_inf(backend, device):
+    """A nonzero found_inf writes nothing at all."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(7,), (4097,), (0,)]
+    params, grads, avgs, sqs, scores, masks = _state(shapes, torch.float32, generator, device)
+    before = [t.clone() for t in params + avgs + sqs + scores]
+    found_inf = torch.ones((), device=device)
+    backend.update(params, grads, avgs, sqs, [1, 2, 3], **HYPER, scores=scores, reset_scores=[True] * 3,
+                   found_inf=found_inf, inv_scale=torch.full((), 0.5, device=device))
+    for old, new in zip(before, params + avgs + sqs + scores):
+        assert torch.equal(old, new)
+
+
+def check_fallback(backend, device):
+    """Tensors the kernels do not take (non-contiguous, float64) still follow the reference."""
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(9, 5, generator=generator)
+    params = [base.t().to(device), torch.randn(6, generator=generator, dtype=torch.float64).to(device),
+              torch.randn(4097, generator=generator).to(device)]
+    grads = [torch.randint(-63, 64, p.shape, generator=generator).to(p.dtype).div(16).to(device) for p in params]
+    grads[0] = grads[0].t().contiguous().t()  # same strides as its parameter
+    avgs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    sqs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    want = [[t.cpu().clone() for t in group] for group in (params, avgs, sqs, scores)]
+    backend.update(params, grads, avgs, sqs, [1, 1, 1], **HYPER, scores=scores, reset_scores=[True] * 3)
+    reference.update(want[0], [g.cpu() for g in grads], want[1], want[2], [1, 1, 1], **HYPER, scores=want[3],
+                     reset_scores=[True] * 3)
+    for got, expected in zip((params, avgs, sqs, scores), want):
+        for g, w in zip(got, expected):
+            torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=1e-6)
+
