@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import selection
-from .schedule import EXPLORE, phase_of, stage_of
+from .schedule import EXPLORE, stage_of
 
 
 class _Mix(torch.autograd.Function):
@@ -64,7 +64,7 @@ def mixed(optimizer, param):
         return param
     state = optimizer.state[param]
     step, stage_steps, sparsity = group["dps_step"] + 1, group["stage_steps"], group["sparsity"]
-    if phase_of(step, stage_steps) == EXPLORE:
+    if optimizer._phase(group, step) == EXPLORE:
         shape = param.shape[-1:] if param.dim() == 2 else param.shape
         keep = torch.empty(shape, dtype=param.dtype, device=param.device).bernoulli_(1 - sparsity)
         return _Mix.apply(param, state["mix_init"], keep, sparsity, state, True)

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from . import backends, mix, selection
+from . import backends, distributed, mix, selection
 from .schedule import EXPLORE, phase_of, stage_of, stage_steps_from
 
 VARIANTS = ("dense", "mix")
@@ -124,6 +124,7 @@ class DPSAdamW(Optimizer):
         _check_hyperparameters({**self.defaults, **param_group})
         for param in params:  # fail now, not at the first step, if the backend cannot run there
             self._backend_for(param.device)
+        distributed.check_group({**self.defaults, **param_group, "params": params})
         param_group = {**param_group, "params": params}
         param_group.setdefault("dps_step", self.param_groups[0]["dps_step"] if self.param_groups else 0)
         super().add_param_group(param_group)
@@ -133,9 +134,18 @@ class DPSAdamW(Optimizer):
         super().__setstate__(state)
         self._group_index = None
 
+    def state_dict(self):
+        """As torch.optim.Optimizer.state_dict, less the per-shard masks of DTensor
+        parameters (selected again after loading: dps_fast.distributed)."""
+        state_dict = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        state_dict["state"] = {i: distributed.state_to_save(params[i], s) for i, s in state_dict["state"].items()}
+        return state_dict
+
     def load_state_dict(self, state_dict):
         """As torch.optim.Optimizer.load_state_dict, but state tensors keep their
-        saved dtype (fp32 moments and scores stay fp32 for bf16 parameters)."""
+        saved dtype (fp32 moments and scores stay fp32 for bf16 parameters).
+        DTensor parameters take full (unsharded) state tensors too."""
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -143,12 +153,15 @@ class DPSAdamW(Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor):
                     self.state[param][key] = value.to(device=param.device, copy=True)
+            if distributed.is_dtensor(param) and param in self.state:
+                self.state[param] = distributed.loaded_state(param, self.state[param])
 
     def _group_of(self, param, required=True):
         """The param group holding `param` (None or ValueError if none does)."""
-        if self._group_index is None:
-            self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        index = self._group_index.get(id(param))
+        lists = [id(g["params"]) for g in self.param_groups]  # accelerate's FSDP2 prepare swaps these lists
+        if self._group_index is None or self._group_index[0] != lists:
+            self._group_index = lists, {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        index = self._group_index[1].get(id(param))
         if index is None:
             if required:
                 raise ValueError("param is not a parameter of this optimizer")
@@ -169,7 +182,7 @@ class DPSAdamW(Optimizer):
         managed group; groups may set their own stage_steps)."""
         for group in self.param_groups:
             if group["dps"]:
-                return phase_of(group["dps_step"] + 1, group["stage_steps"])
+                return self._phase(group, group["dps_step"] + 1)
         return EXPLORE
 
     def mask(self, param):
@@ -177,7 +190,7 @@ class DPSAdamW(Optimizer):
         before the first one (and for tensors not managed by DPS)."""
         self._group_of(param)
         bits = self.state.get(param, {}).get("mask")
-        return None if bits is None else selection.unpack_mask(bits, param.shape)
+        return None if bits is None else _unpack(param, bits)
 
     def attach_mix(self, model):
         """Route the forward pass of `model` through DPS-Mix mixing (see
@@ -186,13 +199,25 @@ class DPSAdamW(Optimizer):
 
     # ----- masks ------------------------------------------------------------------
 
+    def _phase(self, group, step):
+        """The phase of optimizer step `step` of managed `group`: DPS alternates
+        stages. The one place a subclass changes the schedule (every step
+        exploits in ChildTuning, explores in Mixout: dps_fast.baselines)."""
+        return phase_of(step, group["stage_steps"])
+
     def _ensure_masks(self, group, params, stage):
         """Give each managed param (with a score) the mask of exploitation stage
         `stage`, selecting it from the scores the first time it is asked for."""
         todo = [p for p in params if self.state[p].get("mask_stage") != stage and "score" in self.state[p]]
-        for device, on_device in _by_device(todo).items():
-            scores = [self._selection_score(p, group) for p in on_device]
-            for param, bits in zip(on_device, self._backend_for(device).select_masks(scores, group["sparsity"])):
+        whole = [p for p in todo if not distributed.is_dtensor(p)]
+        sharded = [p for p in todo if distributed.is_dtensor(p)]
+        selections = [(on_device, self._backend_for(device).select_masks)
+                      for device, on_device in _by_device(whole).items()]
+        if sharded:  # thresholds over whole tensors: a collective over their shards
+            selections.append((sharded, distributed.select_masks))
+        for chosen, select in selections:
+            scores = [self._selection_score(p, group) for p in chosen]
+            for param, bits in zip(chosen, select(scores, group["sparsity"])):
                 self.state[param]["mask"] = bits
                 self.state[param]["mask_stage"] = stage
 
@@ -205,7 +230,7 @@ class DPSAdamW(Optimizer):
     def _upcoming_masks(self, group, params):
         """Masks the next step applies (None for each param if it explores)."""
         step = group["dps_step"] + 1
-        if not group["dps"] or phase_of(step, group["stage_steps"]) == EXPLORE:
+        if not group["dps"] or self._phase(group, step) == EXPLORE:
             return [None] * len(params)
         self._ensure_masks(group, params, stage_of(step, group["stage_steps"]))
         return [self.state[p].get("mask") for p in params]
@@ -227,10 +252,12 @@ class DPSAdamW(Optimizer):
             for param, bits in zip(params, self._upcoming_masks(group, params)):
                 grad = param.grad
                 if bits is not None:
-                    grad = grad * selection.unpack_mask(bits, param.shape)
+                    grad = grad * _unpack(param, bits)
                 grads.append(grad)
                 watched.append((param.grad, param.grad._version))
         total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        if distributed.is_dtensor(total_norm):  # sharded gradients: the norm over all shards
+            total_norm = total_norm.full_tensor()
         clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
         self._pending_clip = (clip_coef, watched)
         return total_norm
@@ -284,7 +311,7 @@ class DPSAdamW(Optimizer):
         group["dps_step"] += 1
         step, stage_steps = group["dps_step"], group["stage_steps"]
         managed = group["dps"]
-        explore = phase_of(step, stage_steps) == EXPLORE
+        explore = self._phase(group, step) == EXPLORE
         stage = stage_of(step, stage_steps)
         for param in params:
             state = self.state[param]
@@ -302,12 +329,13 @@ class DPSAdamW(Optimizer):
                      weight_decay=group["weight_decay"], grad_coef=clip_coef)
         for device, on_device in _by_device(params).items():
             states = [self.state[p] for p in on_device]
-            lists = dict(params=on_device, grads=[p.grad for p in on_device],
-                         exp_avgs=[s["exp_avg"] for s in states], exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-                         steps=[s["step"] for s in states])
+            local = distributed.local  # DTensors: each rank updates its shard
+            lists = dict(params=[local(p) for p in on_device], grads=[local(p.grad) for p in on_device],
+                         exp_avgs=[local(s["exp_avg"]) for s in states],
+                         exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states], steps=[s["step"] for s in states])
             backend = self._backend_for(device)
             if managed and explore:
-                backend.update(**lists, **hyper, scores=[s["score"] for s in states],
+                backend.update(**lists, **hyper, scores=[local(s["score"]) for s in states],
                                reset_scores=[s.get("score_stage") != stage for s in states])
                 for state in states:
                     state["score_stage"] = stage
@@ -322,6 +350,13 @@ class DPSAdamW(Optimizer):
                     backend.update(**_pick(lists, dense), **hyper)
             else:
                 backend.update(**lists, **hyper)
+
+
+def _unpack(param, bits):
+    """The bool mask of `param` from its packed mask (a DTensor for a DTensor param)."""
+    if distributed.is_dtensor(param):
+        return distributed.unpacked_mask(param, bits)
+    return selection.unpack_mask(bits, param.shape)
 
 
 def _by_device(params):
