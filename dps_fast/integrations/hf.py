@@ -1,0 +1,134 @@
+"""DPSAdamW in a Hugging Face `transformers.Trainer`.
+
+    from dps_fast.integrations.hf import DPSTrainer
+
+    trainer = DPSTrainer(model=model, args=args, train_dataset=data,
+                         dps_kwargs=dict(sparsity=0.3, stage_ratio=0.05))
+    trainer.train()
+
+DPSTrainer is a Trainer whose optimizer is DPSAdamW over
+`dps_fast.param_groups(model, args.weight_decay)` (lr, betas, eps from the
+TrainingArguments; everything else from `dps_kwargs`), with
+
+- the stage length from the Trainer's own count of optimizer steps:
+  T = int(stage_ratio * max_steps), where max_steps is `args.max_steps` or
+  epochs x update steps per epoch (gradient accumulation included), the
+  number the Trainer's scheduler also uses. The scheduler stays the
+  Trainer's (`lr_scheduler_type`, warmup);
+- clipping in the published order: the Trainer would clip the unmasked
+  gradients (`max_grad_norm`); DPSTrainer sets its copy of the arguments to
+  max_grad_norm=0 and clips the gradients step() applies (masked in
+  exploitation stages) to the same norm with `opt.clip_grad_norm_`, from a
+  callback's `on_pre_optimizer_step` (MaskedClipCallback);
+- for variant="mix", the model attached for DPS-Mix mixing.
+
+Mixed precision. bf16 needs nothing. With fp16, accelerate wraps the
+optimizer in an AcceleratedOptimizer holding a GradScaler: the gradients are
+still loss-scaled when backward ends, and `AcceleratedOptimizer.step` runs
+`scaler.step(opt)`, which unscales them (unless already done for this step),
+skips the step on inf/nan, and then `scaler.update()`. The clip must see
+unscaled gradients, so MaskedClipCallback unscales first unless the Trainer
+already did (transformers 5 unscales in its gradient-norm logging even with
+max_grad_norm=0; 4.x does not): a second `unscale_` in one step is an error
+in torch, so it checks the scaler's per-optimizer stage. `scaler.step` then
+finds the gradients unscaled and leaves them alone, so the pending clip
+still applies; a skipped step changes nothing in DPSAdamW (no step count,
+no score), and the pending clip is replaced at the next step.
+
+To build the optimizer yourself and pass `optimizers=(opt, scheduler)` to a
+plain Trainer instead, use create_dps_optimizer with the Trainer's step
+count, set max_grad_norm=0 and add MaskedClipCallback(1.0).
+"""
+import copy
+
+from transformers import Trainer, TrainerCallback
+
+from ..groups import param_groups
+from ..optimizer import DPSAdamW
+
+
+def create_dps_optimizer(model, args, num_training_steps, **dps_kwargs):
+    """DPSAdamW for `model` with the TrainingArguments' lr, betas, eps and weight
+    decay and T = int(stage_ratio * num_training_steps); `dps_kwargs` go to
+    DPSAdamW (sparsity, stage_ratio, variant, masked, backend). A variant="mix"
+    optimizer is attached to `model`."""
+    optimizer = DPSAdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                         total_steps=num_training_steps, **dps_kwargs)
+    if dps_kwargs.get("variant") == "mix":
+        optimizer.attach_mix(model)
+    return optimizer
+
+
+def unwrap_optimizer(optimizer):
+    """(the DPSAdamW inside accelerate/Trainer wrappers, the GradScaler of a wrapper or None)."""
+    scaler = None
+    while not isinstance(optimizer, DPSAdamW):
+        if not hasattr(optimizer, "optimizer"):
+            raise TypeError(f"expected a DPSAdamW (possibly wrapped by accelerate); got {type(optimizer).__name__}")
+        scaler = scaler or getattr(optimizer, "scaler", None)
+        optimizer = optimizer.optimizer
+    return optimizer, scaler
+
+
+def _unscale_once(scaler, optimizer):
+    """scaler.unscale_(optimizer) unless it already ran for this step."""
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+
+
+class MaskedClipCallback(TrainerCallback):
+    """Clip the gradients DPSAdamW's next step applies to `max_norm`, as the
+    published code does (mask, then clip). Use with max_grad_norm=0."""
+
+    def __init__(self, max_norm=1.0):
+        self.max_norm = max_norm
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            raise RuntimeError("MaskedClipCallback with max_grad_norm > 0 would clip twice, the first time "
+                               "unmasked; set max_grad_norm=0 (DPSTrainer does)")
+        dps, scaler = unwrap_optimizer(optimizer)
+        if scaler is not None and scaler.is_enabled():
+            _unscale_once(scaler, dps)
+        dps.clip_grad_norm_(self.max_norm)
+
+
+class DPSTrainer(Trainer):
+    """transformers.Trainer fine-tuning with DPSAdamW (see the module docstring).
+
+    dps_kwargs: DPSAdamW arguments besides lr/betas/eps/weight_decay, e.g.
+        dict(sparsity=0.3, stage_ratio=0.05, variant="dense", masked="grad").
+    Everything else as Trainer. The arguments object is copied, not changed.
+    """
+
+    def __init__(self, *args, dps_kwargs=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dps_kwargs = dict(dps_kwargs or {})
+        self._dps_num_training_steps = None
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            clip = self.args.max_grad_norm
+            self.args = copy.copy(self.args)
+            self.args.max_grad_norm = 0.0
+            self.add_callback(MaskedClipCallback(clip))
+
+    @property
+    def dps_optimizer(self):
+        """The DPSAdamW (None before training creates it)."""
+        return None if self.optimizer is None else unwrap_optimizer(self.optimizer)[0]
+
+    def create_optimizer_and_scheduler(self, num_training_steps):
+        # transformers 4.x creates the optimizer here, before TrainerState knows max_steps
+        self._dps_num_training_steps = num_training_steps
+        return super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            steps = self._dps_num_training_steps or self.state.max_steps
+            if not steps or steps < 1:
+                raise RuntimeError("DPSTrainer: the Trainer's number of optimizer steps is not known yet")
+            self.optimizer = create_dps_optimizer(self.model if model is None else model, self.args, steps,
+                                                  **self.dps_kwargs)
+        return self.optimizer

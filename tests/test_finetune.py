@@ -1,0 +1,259 @@
+"""`dps-fast finetune`: the bundled data, the baselines on DPSAdamW's machinery, the runner."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dps_fast import DPSAdamW, param_groups
+from dps_fast.baselines import (METHODS, ChildTuningAdamW, MixoutAdamW, build_optimizer, childtuning_groups,
+                                fisher_masks)
+from dps_fast.data import INSTALL_HINT, MissingPackage
+
+
+def _bundled_or_skip():
+    from dps_fast.data import load_split, model_dir
+
+    try:
+        model_dir()
+        return load_split
+    except MissingPackage:
+        pytest.skip(f"bundled data/model packages missing: {INSTALL_HINT}")
+
+
+# ----- data -------------------------------------------------------------------------
+
+def test_mr_and_trec_splits_are_fixed_and_disjoint():
+    load_split = _bundled_or_skip()
+    mr = load_split("mr")
+    assert len(mr.dev_texts) == 1000 and len(mr.train_texts) + len(mr.dev_texts) == 10568  # ratings != 0
+    assert set(mr.train_labels) == {0, 1} and mr.label_names == ("negative", "positive")
+    trec = load_split("trec")
+    assert len(trec.dev_texts) == 500 and len(trec.train_texts) + len(trec.dev_texts) == 5381  # de-duplicated
+    assert set(trec.train_labels) == set(range(6))
+    for split in (mr, trec):
+        assert not set(split.train_texts) & set(split.dev_texts)
+        assert all("\r" not in t for t in split.train_texts + split.dev_texts)
+    small = load_split("trec", train_size=100, dev_size=50)
+    assert small.train_texts == trec.train_texts[:100] and small.dev_texts == trec.dev_texts[:50]
+    assert load_split("trec", train_size=100).train_labels == small.train_labels
+    with pytest.raises(ValueError, match="task"):
+        load_split("sst2")
+
+
+# ----- baselines on a tiny random BERT ----------------------------------------------
+
+def tiny_bert(seed=0):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def batch(step):
+    generator = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(1, 32, (8, 10), generator=generator)
+    return ids, ids[:, 1] % 3
+
+
+def loss_of(model, step):
+    ids, labels = batch(step)
+    return F.cross_entropy(model(input_ids=ids).logits, labels)
+
+
+def managed(opt):
+    return [p for g in opt.param_groups if g["dps"] for p in g["params"]]
+
+
+def test_childtuning_masks_encoder_weights_only():
+    model = tiny_bert()
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = ChildTuningAdamW(childtuning_groups(model), mode="F")
+    assert sorted(names[id(p)] for p in managed(opt)) == sorted(
+        n for n, p in model.named_parameters() if "encoder.layer" in n and n.endswith("weight")
+        and "LayerNorm" not in n)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_childtuning_is_adamw_on_masked_gradients(mode):
+    """F: a fresh Bernoulli(q) mask per step and tensor, gradient * mask / q;
+    D: one fixed mask, gradient * mask; both then a plain AdamW step."""
+    model, reference = tiny_bert(), tiny_bert()
+    q = 0.3
+    opt = ChildTuningAdamW(childtuning_groups(model), mode=mode, reserve=q, lr=1e-3)
+    ref_opt = torch.optim.AdamW(childtuning_groups(reference), lr=1e-3)
+    if mode == "D":
+        masks = fisher_masks(managed(opt), [lambda s=s: loss_of(model, s) for s in range(3)], reserve=q)
+        opt.set_masks(masks)
+    ref_managed = {id(r): p for p, r in zip(model.parameters(), reference.parameters()) if p in set(managed(opt))}
+    seen = []
+    for step in range(4):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            loss_of(m, step).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        opt.step()
+        assert opt.phase == "exploit"
+        for r in reference.parameters():
+            p = ref_managed.get(id(r))
+            if p is not None:
+                mask = opt.mask(p)
+                r.grad = r.grad * mask / (q if mode == "F" else 1.0)
+        ref_opt.step()
+        seen.append(torch.cat([opt.mask(p).reshape(-1) for p in managed(opt)]))
+    for p, r in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)
+    kept = [s.float().mean().item() for s in seen]
+    assert all(abs(k - q) < 0.05 for k in kept)
+    if mode == "F":
+        assert not torch.equal(seen[0], seen[1])  # fresh every step
+    else:
+        assert all(torch.equal(seen[0], s) for s in seen)  # fixed
+
+
+def test_fisher_masks_use_one_global_threshold():
+    model = tiny_bert()
+    params = [p for n, p in model.named_parameters() if "encoder.layer" in n and n.endswith("dense.weight")]
+    masks = fisher_masks(params, [lambda s=s: loss_of(model, s) for s in range(4)], reserve=0.3)
+    total = sum(p.numel() for p in params)
+    kept = sum(m.sum().item() for m in masks.values())
+    assert kept >= math.ceil(0.3 * total) and kept < 0.3 * total + 5  # ties are rare
+    per_tensor = [m.float().mean().item() for m in masks.values()]
+    assert max(per_tensor) - min(per_tensor) > 0.05  # not a per-tensor top-q
+    assert all(p.grad is None for p in params)
+
+
+def test_mixout_is_dps_mix_exploration_forever():
+    """MixoutAdamW == DPS-Mix within its first exploration stage, and it never exploits."""
+    runs = []
+    for make in (lambda groups: MixoutAdamW(groups, mix_prob=0.3, lr=1e-3),
+                 lambda groups: DPSAdamW(groups, lr=1e-3, sparsity=0.3, stage_steps=100, variant="mix")):
+        model = tiny_bert()
+        opt = make(param_groups(model))
+        opt.attach_mix(model)
+        torch.manual_seed(7)
+        for step in range(6):
+            opt.zero_grad()
+            loss_of(model, step).backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            assert opt.phase == "explore"
+        runs.append(model)
+    for a, b in zip(*(m.parameters() for m in runs)):
+        torch.testing.assert_close(a, b)
+    model = runs[0]
+    ids, _ = batch(0)
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # mixing in training
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # raw weights in eval
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_build_optimizer_every_method_trains(method):
+    model = tiny_bert()
+    fisher = [lambda s=s: loss_of(model, s) for s in range(2)] if method == "childtuning-d" else None
+    opt, clip = build_optimizer(method, model, total_steps=8, lr=1e-3, stage_ratio=0.25, fisher_batches=fisher)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(8):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        clip(1.0)
+        opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if method in ("dps", "dps-mix"):
+        assert opt.param_groups[0]["stage_steps"] == 2 and opt.mask(model.classifier.weight) is not None
+
+
+def test_dps_extension_point_keeps_the_published_schedule():
+    model = tiny_bert()
+    opt = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2)
+    phases = []
+    for step in range(6):
+        phases.append(opt.phase)
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+    assert phases == ["explore", "explore", "exploit", "exploit", "explore", "explore"]
+
+
+# ----- the runner on the bundled model ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def trec_tiny():
+    """A tiny random BERT with the bundled tokenizer's vocabulary (the runner's
+    plumbing, fast); the bundled model itself runs in the CLI test below."""
+    load_split = _bundled_or_skip()
+    transformers = pytest.importorskip("transformers")
+    from dps_fast.data import model_dir
+    from dps_fast.finetune import Encoded
+
+    split = load_split("trec", train_size=32, dev_size=64)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, num_labels=6,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return (transformers.BertForSequenceClassification(config),
+            Encoded(tokenizer, split.train_texts, split.train_labels, 16),
+            Encoded(tokenizer, split.dev_texts, split.dev_labels, 16))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_run_every_method(trec_tiny, method):
+    from dps_fast.finetune import Recipe, train_run
+
+    base, train, dev = trec_tiny
+    recipe = Recipe(steps=4, stage_ratio=0.5)
+    result = train_run(base, train, dev, method, seed=0, recipe=recipe)
+    assert result["steps"] == 4 and 0 <= result["dev_accuracy"] <= 1 and math.isfinite(result["train_loss"])
+    if method in ("dps", "dps-mix"):
+        assert result["stage_steps"] == 2
+    if method == "dps":  # same seed, same run
+        assert train_run(base, train, dev, method, seed=0, recipe=recipe) | dict(seconds=0, seconds_eval=0) == \
+            result | dict(seconds=0, seconds_eval=0)
+
+
+def test_cli_runs_tabulates_and_reloads(tmp_path, capsys):
+    _bundled_or_skip()
+    from dps_fast.cli import main
+
+    path = tmp_path / "runs.json"
+    assert main(["finetune", "--task", "trec", "--method", "adamw", "--method", "dps", "--seeds", "2",
+                 "--train-size", "16", "--dev-size", "32", "--steps", "2", "--stage-ratio", "0.5",
+                 "--max-length", "16", "--no-progress", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| trec | 16 | adamw | 2 |" in out and "| trec | 16 | dps | 2 |" in out
+    saved = json.loads(path.read_text())
+    assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("adamw", 0), ("dps", 0), ("adamw", 1), ("dps", 1)]
+    assert saved["recipe"]["lr"] == 5e-5 and saved["command"].startswith(
+        "dps-fast finetune --task trec --method adamw,dps --seeds 2 --first-seed 0 --train-size 16 --steps 2 "
+        "--lr 5e-05")
+    assert main(["finetune", "--load", str(path)]) == 0
+    assert "| trec | 16 | dps | 2 |" in capsys.readouterr().out
+
+
+def test_summary_statistics():
+    from dps_fast.finetune import format_table, summarize
+
+    runs = [dict(task="mr", train_size=500, method=m, seed=s, dev_accuracy=a, seconds=1.0)
+            for m, accs in (("adamw", (0.80, 0.84)), ("dps", (0.83, 0.83))) for s, a in enumerate(accs)]
+    rows = summarize(runs)
+    assert [(r["method"], round(r["mean"], 6), round(r["std"], 6)) for r in rows] == [
+        ("adamw", 82.0, round(math.sqrt(8), 6)), ("dps", 83.0, 0.0)]
+    assert "| mr | 500 | dps | 2 | 83.00 ± 0.00 | +1.00 |" in format_table(rows)
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dps_fast.finetune import plot
+
+    runs = [dict(task="trec", train_size=n, method=m, seed=s, dev_accuracy=0.5 + 0.01 * s, seconds=1.0)
+            for n in (500, 1000) for m in ("adamw", "dps") for s in range(3)]
+    plot(runs, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 1000

@@ -1,0 +1,138 @@
+"""dps_fast.integrations.hf: DPSAdamW in a real transformers.Trainer."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
+pytest.importorskip("accelerate", reason="accelerate is not installed (pip install -e '.[test]')")
+
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+
+from dps_fast import DPSAdamW, param_groups  # noqa: E402
+from dps_fast.data import INSTALL_HINT, MissingPackage  # noqa: E402
+from dps_fast.demo import TinyEncoder  # noqa: E402
+from dps_fast.integrations.hf import DPSTrainer, MaskedClipCallback, unwrap_optimizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """(model with a 6-way head, 24 TREC-6 examples) from the bundled packages."""
+    from dps_fast.data import load_split
+    from dps_fast.finetune import load_model
+
+    try:
+        split = load_split("trec", train_size=24)
+        tokenizer, model = load_model(num_labels=6)
+    except MissingPackage:
+        pytest.skip(f"bundled data/model packages missing: {INSTALL_HINT}")
+    encoded = tokenizer(split.train_texts, truncation=True, max_length=16, padding="max_length")
+    data = [{"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(label)}
+            for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], split.train_labels)]
+    return model, data
+
+
+class ExploitRecorder(TrainerCallback):
+    """At each exploitation step: the weight before and after step(), the mask, the pending clip factor."""
+
+    def __init__(self, weight):
+        self.weight, self.records, self._before = weight, [], None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        opt, _ = unwrap_optimizer(optimizer)
+        if opt.phase == "exploit":
+            self._before = (self.weight.detach().clone(), opt._pending_clip)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        opt, _ = unwrap_optimizer(optimizer)
+        if self._before is not None:
+            before, pending = self._before
+            self.records.append(dict(before=before, after=self.weight.detach().clone(),
+                                     mask=opt.mask(self.weight), pending=pending))
+            self._before = None
+
+
+def test_trainer_applies_masks_in_exploitation_stages(bundled, tmp_path):
+    model, data = bundled
+    weight = model.bert.encoder.layer[0].attention.self.query.weight
+    torch.manual_seed(0)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             num_train_epochs=4, learning_rate=1e-4, weight_decay=0.01, max_grad_norm=1.0,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                             dataloader_drop_last=False)
+    # masked="freeze" makes "the mask was applied" visible: masked-out entries do not move at all
+    trainer = DPSTrainer(model=model, args=args, train_dataset=data,
+                         dps_kwargs=dict(sparsity=0.3, stage_ratio=0.25, masked="freeze"))
+    recorder = ExploitRecorder(weight)
+    trainer.add_callback(recorder)  # after DPSTrainer's own clip callback
+    trainer.train()
+
+    opt = trainer.dps_optimizer
+    # 24 examples / 4 per batch / 2 accumulation = 3 optimizer steps per epoch, 4 epochs
+    assert trainer.state.max_steps == 12 and trainer.state.global_step == 12
+    assert opt.param_groups[0]["stage_steps"] == int(0.25 * 12) == 3
+    assert opt.param_groups[0]["dps_step"] == 12  # optimizer steps, not the 24 forward passes
+    # exploitation steps 4-6 and 10-12
+    assert len(recorder.records) == 6
+    for record in recorder.records:
+        mask, moved = record["mask"], record["after"] != record["before"]
+        assert mask is not None and mask.sum() >= math.ceil(0.7 * mask.numel())
+        assert not moved[~mask].any()  # frozen outside the subnetwork
+        assert moved[mask].float().mean() > 0.5  # and trained inside it
+        assert record["pending"] is not None  # the masked clip was set for this step
+    # clipping moved from the Trainer to DPSAdamW, on a copy of the arguments
+    assert trainer.args.max_grad_norm == 0 and args.max_grad_norm == 1.0
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
+
+
+class _Wrapped:
+    """What a callback receives from an fp16 Trainer: accelerate's optimizer wrapper with its GradScaler."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+
+@pytest.mark.parametrize("trainer_unscaled", [False, True])
+def test_masked_clip_under_grad_scaler_matches_unscaled_training(trainer_unscaled):
+    """fp16 path: the callback clips unscaled gradients (unscaling itself only
+    if the Trainer did not), and scaler.step then applies the same update as
+    training without a scaler; an inf gradient skips the step entirely."""
+    scaled_model, plain_model = _tiny(), _tiny()
+    kwargs = dict(lr=1e-2, stage_steps=2)
+    scaled, plain = DPSAdamW(param_groups(scaled_model), **kwargs), DPSAdamW(param_groups(plain_model), **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    callback = MaskedClipCallback(0.5)
+    args = TrainingArguments("unused", max_grad_norm=0.0, report_to=[], use_cpu=True)
+    for step in range(1, 7):
+        tokens = torch.randint(0, 16, (8, 8), generator=torch.Generator().manual_seed(step))
+        labels = (tokens[:, 0] > 7).long()
+        scaled.zero_grad()
+        scaler.scale(F.cross_entropy(scaled_model(tokens), labels)).backward()
+        if trainer_unscaled:
+            scaler.unscale_(scaled)  # transformers 5 does this in its grad-norm logging
+        callback.on_pre_optimizer_step(args, None, None, optimizer=_Wrapped(scaled, scaler))
+        scaler.step(scaled)
+        scaler.update()
+        plain.zero_grad()
+        F.cross_entropy(plain_model(tokens), labels).backward()
+        plain.clip_grad_norm_(0.5)
+        plain.step()
+    for a, b in zip(scaled_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert scaled.param_groups[0]["dps_step"] == 6
+
+    # an overflow: nothing happens, not even the step count
+    before = [p.detach().clone() for p in scaled_model.parameters()]
+    scaled.zero_grad()
+    scaler.scale(F.cross_entropy(scaled_model(tokens), labels)).backward()
+    next(scaled_model.parameters()).grad[0] = float("inf")
+    callback.on_pre_optimizer_step(args, None, None, optimizer=_Wrapped(scaled, scaler))
+    scaler.step(scaled)
+    scaler.update()
+    assert scaled.param_groups[0]["dps_step"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled_model.parameters()))
