@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dps_fast import DPSAdamW, param_groups
+from dps_fast import DPSAdamW, backends, param_groups
 from dps_fast.demo import TinyEncoder
 from dps_fast.schedule import phase_of, stage_of
 
@@ -69,19 +69,41 @@ def test_phase_and_mask_follow_optimizer_steps():
 # ----- equal to AdamW where DPS does nothing --------------------------------------
 
 @pytest.mark.parametrize("how", ["sparsity0", "plain-group"])
-def test_equals_torch_adamw(how):
+def test_torch_backend_equals_torch_adamw_to_the_bit(how):
+    # Training a model amplifies 1-ulp differences past 1e-6 within steps, so
+    # this holds for the reference backend, which repeats AdamW's ops exactly.
     model, reference = tiny_model(), tiny_model()
     hyper = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05)
-    if how == "sparsity0":
-        opt = DPSAdamW(model.parameters(), **hyper, sparsity=0.0, stage_steps=2)
-    else:
-        opt = DPSAdamW([{"params": model.parameters(), "dps": False}], **hyper, stage_steps=2)
+    groups = [{"params": model.parameters(), "dps": how == "sparsity0"}]
+    opt = DPSAdamW(groups, **hyper, sparsity=0.0, stage_steps=2, backend="torch")
     torch_opt = torch.optim.AdamW(reference.parameters(), **hyper)
     for step in range(1, 10):
         train_step(model, opt, step)
         train_step(reference, torch_opt, step)
         for mine, theirs in zip(model.parameters(), reference.parameters()):
-            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+            assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("backend", backends.available("cpu"))
+@pytest.mark.parametrize("how", ["sparsity0", "plain-group"])
+def test_every_backend_equals_torch_adamw(backend, how):
+    # The same gradients for both (no model feedback): every step within 1e-6.
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(0,), (1,), (7,), (33, 17), (4097,)]
+    mine = [nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in mine]
+    hyper = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05)
+    opt = DPSAdamW([{"params": mine, "dps": how == "sparsity0"}], **hyper, sparsity=0.0, stage_steps=2,
+                   backend=backend)
+    torch_opt = torch.optim.AdamW(theirs, **hyper)
+    for _ in range(9):
+        for a, b in zip(mine, theirs):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        opt.step()
+        torch_opt.step()
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 # ----- masked semantics ----------------------------------------------------------
