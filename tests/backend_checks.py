@@ -18,7 +18,8 @@ MODES = ["plain", "explore", "explore-accumulate", "grad", "freeze"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _scores(kind, numel, generator):
+def make_scores(kind, numel, generator):
+    """Scores of `kind` (random, tied, equal, signed) for selection checks."""
     if kind == "random":
         return torch.rand(numel, generator=generator)
     if kind == "tied":  # few distinct values: many ties at the threshold
@@ -32,7 +33,7 @@ def _scores(kind, numel, generator):
 
 def check_select(backend, device, numel, kind):
     generator = torch.Generator().manual_seed(numel + len(kind))
-    score = _scores(kind, numel, generator)
+    score = make_scores(kind, numel, generator)
     for sparsity in (0.0, 0.3, 0.5, 0.99):
         got, = backend.select_masks([score.to(device)], sparsity)
         want, = reference.select_masks([score], sparsity)

@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton", minversion="3.6")
 
+from backend_checks import make_scores  # noqa: E402
 from backend_parity import assert_matches_reference, cases  # noqa: E402
 from dps_fast import backends  # noqa: E402
 from dps_fast.backends import reference  # noqa: E402
@@ -40,23 +41,11 @@ def test_matches_reference(case):
 
 # ----- select_masks -------------------------------------------------------------------
 
-def _scores(kind, numel, generator):
-    if kind == "random":
-        return torch.rand(numel, generator=generator)
-    if kind == "tied":  # few distinct values: many ties at the threshold
-        return torch.randint(0, 4, (numel,), generator=generator).float()
-    if kind == "equal":
-        return torch.full((numel,), 0.25)
-    # signed values, both zeros, infinities: the key must order them as floats do
-    values = torch.tensor([-1.5, -0.0, 0.0, 2.0, float("inf"), -float("inf"), 1e-30, -1e-30])
-    return values[torch.randint(0, len(values), (numel,), generator=generator)]
-
-
 @pytest.mark.parametrize("kind", ["random", "tied", "equal", "signed"])
 @pytest.mark.parametrize("numel", [0, 1, 7, 4097, MULTI_CHUNK])
 def test_select_masks_matches_reference(numel, kind):
     generator = torch.Generator().manual_seed(numel)
-    score = _scores(kind, numel, generator).to(DEVICE)
+    score = make_scores(kind, numel, generator).to(DEVICE)
     for sparsity in (0.0, 0.3, 0.5, 0.99):
         got, = triton_backend.select_masks([score], sparsity)
         want, = reference.select_masks([score.cpu()], sparsity)
@@ -66,8 +55,8 @@ def test_select_masks_matches_reference(numel, kind):
 
 def test_select_masks_of_a_mixed_list():
     generator = torch.Generator().manual_seed(0)
-    scores = [torch.rand(33, 17, generator=generator), torch.zeros(0, 3), _scores("tied", 4097, generator),
-              torch.rand(1, generator=generator), _scores("signed", 7, generator),
+    scores = [torch.rand(33, 17, generator=generator), torch.zeros(0, 3), make_scores("tied", 4097, generator),
+              torch.rand(1, generator=generator), make_scores("signed", 7, generator),
               torch.rand(17, 33, generator=generator).t(),  # not contiguous: flattened in logical order
               torch.rand(MULTI_CHUNK, generator=generator)]
     got = triton_backend.select_masks([s.to(DEVICE) for s in scores], 0.3)
