@@ -15,8 +15,6 @@ from dps_fast import backends  # noqa: E402
 from dps_fast.backends import reference  # noqa: E402
 from dps_fast.backends import triton_backend  # noqa: E402
 
-# triton 3.6's interpreter turns 1-element arrays into loop bounds the way numpy deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MULTI_CHUNK = 2 * triton_backend._CHUNK + 5  # three chunks, the last one short
