@@ -95,6 +95,8 @@ def unavailable_reason(device: torch.device):
         if _INTERPRETED:
             return ("TRITON_INTERPRET=1 was set when the Triton kernels were defined; the interpreter "
                     "runs on CPU tensors only")
+        if not torch.cuda.is_available():
+            return "this torch sees no CUDA device"
         return None
     if device.type == "cpu":
         if _INTERPRETED:
