@@ -23,7 +23,7 @@ $(VENV)/.installed: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt $(wildc
 
 demo: $(VENV)/.installed
 	$(PY) -m dps_fast info
-	$(PY) -m dps_fast bench --scale 0.01 --seconds 0.2 --warmup 1 --sections step,boundary
+	$(PY) -m dps_fast bench --scale 0.01 --seconds 0.2 --warmup 1 --sections step,boundary --threads 1
 	$(PY) -m dps_fast finetune --task trec --method adamw,dps --seeds 1 --train-size 500
 
 test: $(VENV)/.installed
