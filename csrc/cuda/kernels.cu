@@ -39,6 +39,16 @@ void check(cudaError_t status, const char* what) {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// The selection passes' loads: kUnroll scores per thread from [base, end), 0 past the end
+// (all loads issued before any is used, to keep kUnroll of them in flight).
+__device__ __forceinline__ void load_scores(const float* score, int64_t base, int64_t end, float x[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + u * kThreads + threadIdx.x;
+    x[u] = i < end ? score[i] : 0.0f;
+  }
+}
+
 // ----- 4-entry vector access (16 bytes of fp32, 8 bytes of a 16-bit dtype) ----------
 
 __device__ __forceinline__ void load4(const float* p, float out[4]) {
@@ -165,11 +175,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t end = min64(begin + kSelectChunk, a.numel);
     for (int64_t base = begin; base < end; base += (int64_t)kUnroll * kThreads) {  // the same trips for every lane
       float x[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + u * kThreads + threadIdx.x;
-        x[u] = i < end ? a.score[i] : 0.0f;
-      }
+      load_scores(a.score, base, end, x);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const uint32_t key = score_key(x[u]);
@@ -240,11 +246,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t end = min64(begin + kSelectChunk, a.numel);
     for (int64_t base = begin; base < end; base += (int64_t)kUnroll * kThreads) {
       float x[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + u * kThreads + threadIdx.x;
-        x[u] = i < end ? a.score[i] : 0.0f;
-      }
+      load_scores(a.score, base, end, x);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t first = base + u * kThreads + (threadIdx.x & ~31);  // the warp's first entry
