@@ -198,8 +198,12 @@ def ddp_worker(rank, out):
     torch.save(record, f"{out}/mix{rank}.pt")
     try:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
     except ImportError:
         return
+    # a forked worker inherits accelerate's process-wide state from any Trainer the
+    # parent ran (tests/test_hf.py): one process, no DDP. Start from scratch.
+    AcceleratorState._reset_state(reset_partial_state=True)
     # the same through accelerate (DDP on the CPU); it takes the process group already set up
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       OMP_NUM_THREADS="1")
