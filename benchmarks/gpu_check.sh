@@ -4,12 +4,13 @@
 # GPU_CHECK_SECONDS, default 450):
 #   1. build in place: pip install --no-build-isolation --no-deps -e . (DPS_FAST_CUDA=1: CUDA must build)
 #   2. dps-fast info
-#   3. GPU tests: tests/test_backend_cuda.py (CUDA module vs pure PyTorch, >2^31 entries, no host sync,
-#      one launch per step)
+#   3. GPU tests: tests/test_backend_cuda.py (CUDA module vs pure PyTorch, >2^31 entries, no host sync
+#      (GradScaler included), one launch per step)
 #   4. compute-sanitizer memcheck on a small DPSAdamW run (every kernel of the module, odd sizes)
 #   5. the throughput benchmark: python -m dps_fast bench (50M parameters, step and boundary rows)
 #   6. GPU tests of the Triton backend: tests/test_backend_triton.py
 #   7. compute-sanitizer racecheck on the selection (shared-memory histograms)
+#   8. benchmarks/grad_scaler_cost.py: GradScaler's host-synced path vs DPSAdamW's sync-free one
 # and prints a short table last. Logs and bench.json go to OUT_DIR.
 #
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -112,6 +113,7 @@ if command -v compute-sanitizer >/dev/null; then
   run_step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
     "$PY" -c "$SELECT_CASE"
 fi
+run_step scaler-cost 60 "$PY" benchmarks/grad_scaler_cost.py --device cuda
 
 echo
 echo "=== gpu_check summary: $(head -n 1 "$OUT_DIR/gpu.txt" 2>/dev/null), $(($(date +%s) - START)) s; logs in $OUT_DIR"

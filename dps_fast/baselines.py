@@ -76,11 +76,11 @@ class ChildTuningAdamW(DPSAdamW):
                 state["mask"] = selection.pack_mask(keep)
                 state["mask_stage"] = stage
 
-    def _step_group(self, group, params, clip_coef):
+    def _step_group(self, group, params, clip_coef, scaled=None):
         if self.mode == "F" and group["dps"] and params:
             rescale = torch.tensor(1 / self.reserve, device=params[0].device)
             clip_coef = rescale if clip_coef is None else clip_coef * rescale
-        super()._step_group(group, params, clip_coef)
+        super()._step_group(group, params, clip_coef, scaled)
 
     def set_masks(self, masks):
         """Fix the mask of each managed param: `masks` maps param -> bool tensor."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import selection
-from .schedule import EXPLORE, stage_of
+from .schedule import EXPLORE
 
 
 class _Mix(torch.autograd.Function):
@@ -63,12 +63,12 @@ def mixed(optimizer, param):
     if param is None or group is None or not is_mixed(group):
         return param
     state = optimizer.state[param]
-    step, stage_steps, sparsity = group["dps_step"] + 1, group["stage_steps"], group["sparsity"]
-    if optimizer._phase(group, step) == EXPLORE:
+    sparsity = group["sparsity"]
+    if optimizer._upcoming(group, with_stage=False)[0] == EXPLORE:
         shape = param.shape[-1:] if param.dim() == 2 else param.shape
         keep = torch.empty(shape, dtype=param.dtype, device=param.device).bernoulli_(1 - sparsity)
         return _Mix.apply(param, state["mix_init"], keep, sparsity, state, True)
-    stage = stage_of(step, stage_steps)
+    stage = optimizer._upcoming(group)[1]
     if state.get("snapshot_stage") != stage:
         state["mix_snapshot"] = param.detach().clone()
         state["snapshot_stage"] = stage
@@ -137,10 +137,8 @@ def accumulate_counts(optimizer, params, stage):
     for param in params:
         state = optimizer.state[param]
         keep = state["mix_keep_sum"] / state["mix_calls"]
-        if state.get("score_stage") != stage:
-            state["mix_count"] = keep
-        else:
-            state["mix_count"] += keep
+        # a new tensor, not +=: a step that GradScaler skips restores the old one (dps_fast.amp)
+        state["mix_count"] = keep if state.get("score_stage") != stage else state["mix_count"] + keep
 
 
 def reset_keep(optimizer):

@@ -10,11 +10,13 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from . import backends, distributed, mix, selection
+from . import amp, backends, distributed, mix, selection
 from .schedule import EXPLORE, phase_of, stage_of, stage_steps_from
 
 VARIANTS = ("dense", "mix")
 MASKED = ("grad", "freeze")
+# The per-parameter state a step writes on the host (undone if GradScaler skips it).
+STEP_STATE = ("step", "exp_avg", "exp_avg_sq", "score", "score_stage", "mix_count")
 
 
 def _check_hyperparameters(group):
@@ -95,7 +97,13 @@ class DPSAdamW(Optimizer):
 
     Math and state are fp32 whatever the parameter dtype; a bf16/fp16
     parameter is rounded to its own dtype after each update.
+
+    Under a GradScaler, step() takes the loss scale and found_inf on the
+    device and never waits for them (dps_fast.amp): until the next step(),
+    group["dps_step"] and per-tensor steps count the last step provisionally.
     """
+
+    _step_supports_amp_scaling = True  # GradScaler: pass grad_scale/found_inf, skip in the kernels
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  sparsity=0.3, stage_steps=None, total_steps=None, stage_ratio=0.05,
@@ -110,12 +118,14 @@ class DPSAdamW(Optimizer):
         self._backend_by_device = {}
         self._pending_clip = None
         self._group_index = None
+        self._unconfirmed = None  # the last step's amp.ScaledStep until its found_inf is read
         super().__init__(params, defaults)
 
     # ----- param groups and state -------------------------------------------------
 
     def add_param_group(self, param_group):
         """Add a group; it joins the optimizer's step count (and so its stage)."""
+        self._confirm_last_step()
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict; got {type(param_group).__name__}")
         params = param_group["params"]
@@ -133,10 +143,12 @@ class DPSAdamW(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._group_index = None
+        self._unconfirmed = None
 
     def state_dict(self):
         """As torch.optim.Optimizer.state_dict, less the per-shard masks of DTensor
         parameters (selected again after loading: dps_fast.distributed)."""
+        self._confirm_last_step()
         state_dict = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         state_dict["state"] = {i: distributed.state_to_save(params[i], s) for i, s in state_dict["state"].items()}
@@ -146,6 +158,7 @@ class DPSAdamW(Optimizer):
         """As torch.optim.Optimizer.load_state_dict, but state tensors keep their
         saved dtype (fp32 moments and scores stay fp32 for bf16 parameters).
         DTensor parameters take full (unsharded) state tensors too."""
+        self._unconfirmed = None  # the loaded state replaces whatever the last step did
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -182,7 +195,7 @@ class DPSAdamW(Optimizer):
         managed group; groups may set their own stage_steps)."""
         for group in self.param_groups:
             if group["dps"]:
-                return self._phase(group, group["dps_step"] + 1)
+                return self._upcoming(group, with_stage=False)[0]
         return EXPLORE
 
     def mask(self, param):
@@ -197,7 +210,29 @@ class DPSAdamW(Optimizer):
         dps_fast.mix.attach). Returns a handle with .remove()."""
         return mix.attach(self, model)
 
-    # ----- masks ------------------------------------------------------------------
+    # ----- schedule ---------------------------------------------------------------
+
+    def _upcoming(self, group, with_stage=True):
+        """(phase, stage) of the group's next step (stage None if not with_stage).
+
+        While the last step is unconfirmed (GradScaler, dps_fast.amp), its
+        found_inf is read only if the answer would differ had it been skipped:
+        near stage boundaries, not within a stage."""
+        def schedule(step):
+            return self._phase(group, step), stage_of(step, group["stage_steps"]) if with_stage else None
+
+        step = group["dps_step"] + 1
+        last = self._unconfirmed
+        if last is not None and last.advanced(group) and schedule(step) != schedule(step - 1):
+            self._confirm_last_step()
+            step = group["dps_step"] + 1
+        return schedule(step)
+
+    def _confirm_last_step(self):
+        """Read the last step's found_inf; if it was skipped, undo its host-side changes."""
+        last, self._unconfirmed = self._unconfirmed, None
+        if last is not None and last.skipped():
+            last.undo()
 
     def _phase(self, group, step):
         """The phase of optimizer step `step` of managed `group`: DPS alternates
@@ -229,10 +264,12 @@ class DPSAdamW(Optimizer):
 
     def _upcoming_masks(self, group, params):
         """Masks the next step applies (None for each param if it explores)."""
-        step = group["dps_step"] + 1
-        if not group["dps"] or self._phase(group, step) == EXPLORE:
+        if not group["dps"]:
             return [None] * len(params)
-        self._ensure_masks(group, params, stage_of(step, group["stage_steps"]))
+        phase, stage = self._upcoming(group)
+        if phase == EXPLORE:
+            return [None] * len(params)
+        self._ensure_masks(group, params, stage)
         return [self.state[p].get("mask") for p in params]
 
     # ----- gradient clipping ------------------------------------------------------
@@ -286,7 +323,11 @@ class DPSAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step. Everything is validated before anything changes."""
+        """One optimizer step. Everything is validated before anything changes.
+
+        A GradScaler's `scaler.step(opt)` calls this with opt.grad_scale and
+        opt.found_inf set (see dps_fast.amp); a step it skips changes nothing."""
+        self._confirm_last_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -301,13 +342,22 @@ class DPSAdamW(Optimizer):
                 mix.check_mixed(self, params)
             work.append((group, params))
         clip_coef = self._take_pending_clip()
+        scaled = amp.ScaledStep.of(self)
         for group, params in work:
-            self._step_group(group, params, clip_coef)
+            self._step_group(group, params, clip_coef, scaled)
         mix.reset_keep(self)
+        if scaled is not None:
+            scaled.queued()
+            self._unconfirmed = scaled
         return loss
 
-    def _step_group(self, group, params, clip_coef):
+    def _step_group(self, group, params, clip_coef, scaled=None):
+        """Update `params` of `group`; `scaled` is the step's amp.ScaledStep, if any."""
         mask_of = dict(zip(map(id, params), self._upcoming_masks(group, params)))
+        if scaled is not None:
+            scaled.save_group(group, "dps_step")
+            for param in params:
+                scaled.save_state(self.state, param, STEP_STATE)
         group["dps_step"] += 1
         step, stage_steps = group["dps_step"], group["stage_steps"]
         managed = group["dps"]
@@ -328,6 +378,8 @@ class DPSAdamW(Optimizer):
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], grad_coef=clip_coef)
         for device, on_device in _by_device(params).items():
+            if scaled is not None:
+                hyper["inv_scale"], hyper["found_inf"] = scaled.scalars(device)
             states = [self.state[p] for p in on_device]
             local = distributed.local  # DTensors: each rank updates its shard
             lists = dict(params=[local(p) for p in on_device], grads=[local(p.grad) for p in on_device],

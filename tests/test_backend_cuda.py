@@ -16,6 +16,7 @@ import torch
 from backend_checks import (DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_select, check_select_many,
                             check_update)
 from backend_parity import assert_matches_reference, cases
+from scaler_checks import assert_sync_free_matches_host_synced
 from dps_fast import DPSAdamW, backends, selection
 from dps_fast.backends import reference
 
@@ -167,6 +168,41 @@ def test_no_host_synchronisation():
                                 inv_scale=inv_scale, found_inf=found_inf)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("variant,masked,clip", [("dense", "grad", None), ("mix", "freeze", 0.5)])
+def test_grad_scaler_sync_free_path_equals_host_synced_path(backend, variant, masked, clip):
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(backends.unavailable_reason(backend, "cuda"))
+    assert_sync_free_matches_host_synced(backend, "cuda", variant=variant, masked=masked, clip=clip)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_grad_scaler_step_does_not_synchronise(backend):
+    """scaler.step(opt) + scaler.update() within a stage: no host sync. The
+    previous step's found_inf is complete when each call starts, as in a loop
+    whose CPU is at most one step ahead."""
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(backends.unavailable_reason(backend, "cuda"))
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (4097, 7, 70000)]
+    opt = DPSAdamW(params, stage_steps=100, backend=backend)
+    scaler = torch.amp.GradScaler("cuda")
+    for attempt in range(4):
+        for param in params:
+            param.grad = scaler.scale(torch.randn_like(param))
+        if attempt == 2:
+            params[0].grad[0] = float("inf")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt)
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert opt.state_dict()["param_groups"][0]["dps_step"] == 3  # the overflow was skipped
 
 
 @gpu

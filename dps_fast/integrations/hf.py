@@ -25,15 +25,18 @@ TrainingArguments; everything else from `dps_kwargs`), with
 Mixed precision. bf16 needs nothing. With fp16, accelerate wraps the
 optimizer in an AcceleratedOptimizer holding a GradScaler: the gradients are
 still loss-scaled when backward ends, and `AcceleratedOptimizer.step` runs
-`scaler.step(opt)`, which unscales them (unless already done for this step),
-skips the step on inf/nan, and then `scaler.update()`. The clip must see
+`scaler.step(opt)`, which hands DPSAdamW the scale and found_inf (it unscales
+in its kernels unless already done for this step, and skips the update on
+inf/nan without a host sync: dps_fast.amp), and then `scaler.update()`. The clip must see
 unscaled gradients, so MaskedClipCallback unscales first unless the Trainer
 already did (transformers 5 unscales in its gradient-norm logging even with
 max_grad_norm=0; 4.x does not): a second `unscale_` in one step is an error
 in torch, so it checks the scaler's per-optimizer stage. `scaler.step` then
 finds the gradients unscaled and leaves them alone, so the pending clip
 still applies; a skipped step changes nothing in DPSAdamW (no step count,
-no score), and the pending clip is replaced at the next step.
+no score), and the pending clip is replaced at the next step. As step() is
+always called, accelerate reports no skipped step, so the Trainer's LR
+scheduler also advances on overflow steps (as with torch's fused AdamW).
 
 To build the optimizer yourself and pass `optimizers=(opt, scheduler)` to a
 plain Trainer instead, use create_dps_optimizer with the Trainer's step
