@@ -33,7 +33,7 @@ gradients; gradients stay fixed across repetitions):
   foreach on CUDA). Its boundary row is its own selection: a full descending
   torch.sort of every managed tensor and a bool mask.
 - training step: zero_grad, forward, cross-entropy, backward, gradient
-  clipping to norm 1 and step() of a BERT-shaped encoder (dps_fast.demo's
+  clipping to norm 1 and step() of a BERT-shaped encoder (dps_fast.tiny's
   TinyEncoder built from the config, random weights and tokens). DPS rows are
   placed inside a stage as above; published DPS runs with its hooks.
 
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .demo import Block, TinyEncoder
+from .tiny import Block, TinyEncoder
 from .groups import param_groups
 from .optimizer import DPSAdamW
 from .published import PublishedDPS

@@ -8,7 +8,6 @@ import importlib
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "demo": ("dps_fast.demo", "a short synthetic fine-tune: AdamW vs DPS"),
     "info": ("dps_fast.info", "versions, compiled kernels, and which backends can run here (and why not)"),
     "finetune": ("dps_fast.finetune", "fine-tune the bundled MiniLM on MR or TREC-6: AdamW, DPS and baselines"),
     "bench": ("dps_fast.bench", "update throughput: torch AdamW, published-style DPS, dps_fast backends"),

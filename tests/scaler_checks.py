@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dps_fast import DPSAdamW, param_groups
-from dps_fast.demo import TinyEncoder
+from dps_fast.tiny import TinyEncoder
 
 ATTEMPTS = 14
 OVERFLOWS = (1, 4, 5, 8, 12)  # step() calls whose gradients hold an inf

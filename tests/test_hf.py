@@ -12,7 +12,7 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from dps_fast import DPSAdamW, param_groups  # noqa: E402
 from dps_fast.data import INSTALL_HINT, MissingPackage  # noqa: E402
-from dps_fast.demo import TinyEncoder  # noqa: E402
+from dps_fast.tiny import TinyEncoder  # noqa: E402
 from dps_fast.integrations.hf import DPSTrainer, MaskedClipCallback, unwrap_optimizer  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dps_fast import DPSAdamW, amp, backends, param_groups
-from dps_fast.demo import TinyEncoder
+from dps_fast.tiny import TinyEncoder
 from dps_fast.schedule import phase_of, stage_of
 from scaler_checks import assert_sync_free_matches_host_synced
 

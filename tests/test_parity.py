@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dps_fast import DPSAdamW, param_groups
-from dps_fast.demo import TinyEncoder, synthetic_task
+from dps_fast.tiny import TinyEncoder, synthetic_task
 from dps_fast.published import PublishedDPS
 
 STAGE_STEPS = 3
