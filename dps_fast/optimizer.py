@@ -283,15 +283,20 @@ class DPSAdamW(Optimizer):
         so that exploration scores see the unclipped gradient, as in the
         published code. Changing a gradient after this call cancels the clip."""
         max_norm = float(max_norm)
-        grads, watched = [], []
+        grads, masked, watched = [], {}, []  # masked: {device: [(grad, bits)]}, their norms from the backend
+        l2 = float(norm_type) == 2.0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for param, bits in zip(params, self._upcoming_masks(group, params)):
-                grad = param.grad
-                if bits is not None:
-                    grad = grad * _unpack(param, bits)
-                grads.append(grad)
+                if bits is None:
+                    grads.append(param.grad)
+                elif l2 and not distributed.is_dtensor(param):
+                    masked.setdefault(param.device, []).append((param.grad, bits))
+                else:
+                    grads.append(param.grad * _unpack(param, bits))
                 watched.append((param.grad, param.grad._version))
+        for device, pairs in masked.items():  # the 2-norm of the per-tensor 2-norms is the total 2-norm
+            grads.append(self._backend_for(device).masked_norms(*zip(*pairs)))
         total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
         if distributed.is_dtensor(total_norm):  # sharded gradients: the norm over all shards
             total_norm = total_norm.full_tensor()

@@ -139,3 +139,24 @@ def check_fallback(backend, device):
         for g, w in zip(got, expected):
             torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=1e-6)
 
+
+
+def check_masked_norms(backend, device, dtype):
+    """clip_grad_norm_'s per-tensor masked norms: every size, a tensor the kernels
+    do not take (non-contiguous), and NaN where a masked-out entry is inf (grad * mask)."""
+    generator = torch.Generator().manual_seed(6)
+    shapes = [(n,) for n in SIZES] + [(33, 17)]
+    grads = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    grads.append(torch.randn(9, 5, generator=generator).to(dtype).t())
+    masks = [selection.pack_mask(torch.rand(g.shape, generator=generator) < 0.7) for g in grads]
+    want = reference.masked_norms(grads, masks)
+    got = backend.masked_norms([g.to(device) for g in grads], [m.to(device) for m in masks])
+    assert got.dtype == torch.float32 and got.shape == (len(grads),)
+    # the reference is torch's norm: fp32 sums (2e-6 off over 10^5 entries, seen), rounded to
+    # bf16/fp16 for those gradients; the kernels sum in double
+    rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=0)
+    blocked = grads[3].clone()
+    blocked[~selection.unpack_mask(masks[3], blocked.shape)] = float("inf")  # inf only where masked out
+    again = backend.masked_norms([blocked.to(device), grads[2].to(device)], [masks[3].to(device), masks[2].to(device)])
+    assert again[0].isnan() and again[1] == got[2]

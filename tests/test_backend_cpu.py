@@ -5,8 +5,8 @@ selection of large tensors with its fallback."""
 import pytest
 import torch
 
-from backend_checks import (CHUNK, DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_select,
-                            check_select_many, check_update)
+from backend_checks import (CHUNK, DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_masked_norms,
+                            check_select, check_select_many, check_update)
 from backend_parity import assert_matches_reference, cases
 from dps_fast import DPSAdamW, backends
 
@@ -28,6 +28,11 @@ def test_matches_reference(case):
     assert_matches_reference("cpu", "cpu", **case)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_norms_match_reference(dtype):
+    check_masked_norms(cpu, "cpu", dtype)
+
+
 @pytest.mark.parametrize("isa", kernels.runnable_isas()[1:])
 def test_other_instruction_sets_match_reference(isa):
     """The kernels built for older CPUs, on this one."""
@@ -38,6 +43,7 @@ def test_other_instruction_sets_match_reference(isa):
             assert_matches_reference("cpu", "cpu", **case)
         for dtype in DTYPES:
             check_update(cpu, "cpu", "freeze", dtype, [(4097,), (37,)])
+            check_masked_norms(cpu, "cpu", dtype)
         check_select(cpu, "cpu", 4097, "signed")
     finally:
         kernels.set_isa(best)

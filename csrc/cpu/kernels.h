@@ -24,6 +24,9 @@ struct Kernels {
                      int64_t cap, int64_t* above);
   // mask bits of [begin, end) (begin a multiple of 32): score >= threshold
   void (*mask)(const float* score, uint8_t* mask, int64_t begin, int64_t end, float threshold);
+  // sum over [begin, end) (begin a multiple of 32) of (g * bit)^2: the squared
+  // norm of the masked gradient (an inf masked out gives NaN, as grad * mask does)
+  double (*masked_sq_sum)(int dtype, const void* g, const uint8_t* mask, int64_t begin, int64_t end);
 };
 
 #define DPS_DECLARE_KERNELS(isa) \

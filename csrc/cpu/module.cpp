@@ -118,6 +118,41 @@ void update(int mode, int dtype, const UpdateLists& lists, double lr, double bet
   }
 }
 
+// ----- masked gradient norms ----------------------------------------------------------
+
+struct NormArgs {
+  const void* g;
+  const uint8_t* mask;
+  int64_t numel;
+};
+
+// Per tensor, the squared L2 norm of grad * mask (summed in double, chunk by
+// chunk in a fixed order, so the result does not depend on the thread count).
+std::vector<double> masked_sq_norms(int dtype, const std::vector<int64_t>& grads, const std::vector<int64_t>& masks,
+                                    const std::vector<int64_t>& numels, int num_threads) {
+  dtype_size(dtype);  // rejects an unknown dtype code
+  const size_t n = grads.size();
+  check_length(masks, n, "masks");
+  check_length(numels, n, "numels");
+  std::vector<NormArgs> tensors;
+  for (size_t i = 0; i < n; ++i) tensors.push_back(NormArgs{(const void*)grads[i], (const uint8_t*)masks[i], numels[i]});
+  const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
+  std::vector<double> partial(chunks.size());
+  const Kernels kernels = active();
+  {
+    py::gil_scoped_release release;
+    const int nt = threads(num_threads, tensors);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t c = 0; c < (int64_t)chunks.size(); ++c) {
+      const NormArgs& t = tensors[chunks[c].tensor];
+      partial[c] = kernels.masked_sq_sum(dtype, t.g, t.mask, (int64_t)chunks[c].index * kChunk, chunk_end(t, chunks[c]));
+    }
+  }
+  std::vector<double> sums(n, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) sums[chunks[c].tensor] += partial[c];
+  return sums;
+}
+
 // ----- selection --------------------------------------------------------------------
 //
 // Large tensors: a sample bounds the k-th largest key to [low, high]; one
@@ -286,6 +321,8 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       },
       "One multi-tensor DPS/AdamW update; addresses of contiguous CPU tensors, 0 for an absent scalar.");
   m.def("select", &cpu::select, "Packed top-k masks (ties kept) of fp32 score tensors.");
+  m.def("masked_sq_norms", &cpu::masked_sq_norms,
+        "Per tensor, the squared L2 norm of grad * mask (packed mask bits); contiguous CPU tensors of one dtype.");
   m.def("isa", [] { return std::string(cpu::active().name); }, "The instruction set the kernels run with.");
   m.def("runnable_isas", &cpu::runnable_isas, "Instruction sets compiled in that this CPU runs, best first.");
   m.def("set_isa", &cpu::set_isa, "Use the kernels built for another instruction set (for tests).");

@@ -7,6 +7,8 @@ Every backend is a module with the same small contract (see reference.py):
     update(...)                   one fused explore / exploit / plain AdamW pass
     select_masks(scores, sparsity)  per-tensor top-k masks, ties kept, packed
                                   as dps_fast.selection.pack_mask does
+    masked_norms(grads, masks)    the L2 norm of each grad * its packed mask
+                                  (for DPSAdamW.clip_grad_norm_)
 """
 import importlib
 

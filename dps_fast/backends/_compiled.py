@@ -94,6 +94,24 @@ def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, b
                          masks=pick(masks), freeze=freeze, inv_scale=inv_scale, found_inf=found_inf)
 
 
+def masked_norms(launch, grads, masks):
+    """reference.masked_norms's result, the contiguous grads of kernel dtypes computed
+    by launch(dtype_code, grad_addresses, mask_addresses, numels) -> squared norms."""
+    norms = [None] * len(grads)
+    by_dtype = {}
+    for i, grad in enumerate(grads):
+        if grad.dtype in DTYPE_CODES and grad.is_contiguous():
+            by_dtype.setdefault(grad.dtype, []).append(i)
+        else:
+            norms[i] = reference.masked_norms([grad], [masks[i]])[0]
+    for dtype, indices in by_dtype.items():
+        squares = launch(DTYPE_CODES[dtype], [grads[i].data_ptr() for i in indices],
+                         [masks[i].data_ptr() for i in indices], [grads[i].numel() for i in indices])
+        for i, norm in zip(indices, torch.tensor(squares, dtype=torch.float64).sqrt().float()):
+            norms[i] = norm
+    return torch.stack(norms)
+
+
 def select_masks(launch, scores, sparsity):
     """Packed masks of `scores` (see dps_fast.selection), computed by
     launch(score_addresses, mask_addresses, numels, ks) over fp32 contiguous scores."""

@@ -37,6 +37,16 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
     _compiled.update(_launch_update, torch.device("cpu"), params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs)
 
 
+def _launch_masked_norms(dtype, grads, masks, numels):
+    return _module().masked_sq_norms(dtype, grads, masks, numels, torch.get_num_threads())
+
+
+def masked_norms(grads, masks):
+    """reference.masked_norms's contract on CPU tensors: one pass over each
+    gradient and its mask bits (no unpacked mask, no masked copy)."""
+    return _compiled.masked_norms(_launch_masked_norms, grads, masks)
+
+
 def _launch_select(scores, masks, numels, ks):
     _module().select(scores, masks, numels, ks, torch.get_num_threads())
 

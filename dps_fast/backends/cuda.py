@@ -6,7 +6,7 @@ batched radix select over the scores' bit patterns (no sort, no copy).
 Same contract and results as the reference backend (reference.py)."""
 import torch
 
-from . import _compiled
+from . import _compiled, reference
 
 NAME = "cuda"
 
@@ -68,3 +68,7 @@ def select_masks(scores, sparsity):
         _module().select(index, stream, score_addresses, mask_addresses, numels, ks)
 
     return _compiled.select_masks(launch, scores, sparsity)
+
+
+# No kernel of its own yet: clip_grad_norm_'s masked norms in PyTorch.
+masked_norms = reference.masked_norms

@@ -69,6 +69,13 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
         exp_avg_sqs[i].copy_(new_avg_sq)
 
 
+def masked_norms(grads, masks):
+    """1-D fp32 tensor: the L2 norm of each grad * its (packed) mask, as
+    torch.nn.utils.clip_grad_norm_ computes it (in the gradient's dtype)."""
+    return torch.stack([torch.linalg.vector_norm(grad * selection.unpack_mask(bits, grad.shape)).float()
+                        for grad, bits in zip(grads, masks)])
+
+
 def select_masks(scores, sparsity):
     """One packed mask per score tensor (see dps_fast.selection)."""
     return [selection.pack_mask(selection.select_mask(score, sparsity)) for score in scores]

@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from .. import selection
+from . import reference
 
 NAME = "triton"
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
@@ -450,3 +451,7 @@ def select_masks(scores, sparsity):
             _narrow_kernel[(len(live),)](hist[pass_], state, num_warps=1)
         _pack_kernel[(n_chunks,)](rows, owners, state, CHUNK=_CHUNK, BLOCK=block, num_warps=num_warps)
     return masks
+
+
+# No kernel of its own yet: clip_grad_norm_'s masked norms in PyTorch.
+masked_norms = reference.masked_norms
