@@ -386,7 +386,8 @@ class DPSAdamW(Optimizer):
             if scaled is not None:
                 hyper["inv_scale"], hyper["found_inf"] = scaled.scalars(device)
             states = [self.state[p] for p in on_device]
-            local = distributed.local  # DTensors: each rank updates its shard
+            # DTensors: each rank updates its shard (the check once per list, not per tensor)
+            local = distributed.local if any(map(distributed.is_dtensor, on_device)) else _same
             lists = dict(params=[local(p) for p in on_device], grads=[local(p.grad) for p in on_device],
                          exp_avgs=[local(s["exp_avg"]) for s in states],
                          exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states], steps=[s["step"] for s in states])
@@ -414,6 +415,10 @@ def _unpack(param, bits):
     if distributed.is_dtensor(param):
         return distributed.unpacked_mask(param, bits)
     return selection.unpack_mask(bits, param.shape)
+
+
+def _same(tensor):
+    return tensor
 
 
 def _by_device(params):
