@@ -34,6 +34,8 @@ class ScaledStep:
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is None:
             return None
+        if not isinstance(found_inf, torch.Tensor):  # GradScaler's sum over no gradients is the int 0
+            found_inf = torch.tensor(float(found_inf))
         return cls(getattr(optimizer, "grad_scale", None), found_inf)
 
     def scalars(self, device):

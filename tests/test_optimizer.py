@@ -301,6 +301,15 @@ def test_grad_scaler_skipped_first_step_leaves_no_state():
     assert torch.equal(param, torch.ones(4))
 
 
+def test_grad_scaler_step_without_gradients_is_a_plain_step():
+    param = nn.Parameter(torch.ones(4))
+    opt = DPSAdamW([param], stage_steps=2)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # the scale exists, but no parameter has a gradient
+    scaler.step(opt)  # as opt.step() with no gradients: nothing to update
+    assert torch.equal(param, torch.ones(4)) and not opt.state_dict()["state"]
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("variant,masked,clip", [("dense", "grad", None), ("dense", "freeze", 0.5),
                                                   ("mix", "grad", 0.5), ("mix", "freeze", None)])
