@@ -41,10 +41,12 @@ class ScaledStep:
     def scalars(self, device):
         """(inv_scale or None, found_inf), 0-dim fp32 tensors on `device`."""
         if device not in self._scalars:
+            # a CPU kernel reads its scalars at once: a copy to the CPU must be complete
+            non_blocking = torch.device(device).type != "cpu"
             inv_scale = None
             if self._grad_scale is not None:  # as GradScaler.unscale_ computes it
-                inv_scale = self._grad_scale.double().reciprocal().float().to(device, non_blocking=True)
-            found_inf = self._found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+                inv_scale = self._grad_scale.double().reciprocal().float().to(device, non_blocking=non_blocking)
+            found_inf = self._found_inf.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
             self._scalars[device] = inv_scale, found_inf
         return self._scalars[device]
 
