@@ -1,5 +1,5 @@
 """The Triton backend against the reference backend: the shared parity harness,
-plus direct checks of select_masks and update (GradScaler arguments, dtypes,
+plus direct checks of select_masks, masked_norms and update (GradScaler arguments, dtypes,
 tensors a kernel cannot address directly, tensors of several chunks).
 
 On a GPU the kernels are compiled; without one they run on CPU tensors through
@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton", minversion="3.6")
 
-from backend_checks import make_scores  # noqa: E402
+from backend_checks import check_masked_norms, make_scores  # noqa: E402
 from backend_parity import assert_matches_reference, cases  # noqa: E402
 from dps_fast import backends  # noqa: E402
 from dps_fast.backends import reference  # noqa: E402
@@ -49,6 +49,12 @@ def test_select_masks_matches_reference(numel, kind):
         want, = reference.select_masks([score.cpu()], sparsity)
         assert got.dtype == torch.uint8 and got.device == score.device
         assert torch.equal(got.cpu(), want), f"sparsity {sparsity}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # inf * 0, meant
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_masked_norms_match_reference(dtype):
+    check_masked_norms(triton_backend, DEVICE, dtype)
 
 
 def test_select_masks_of_a_mixed_list():

@@ -42,6 +42,10 @@ warp ballot per bit of the bin index, a popcount per bin owned by a lane):
 is a reasoned guess until measured on a GPU; it is one constant (RADIX_BITS,
 any divisor of 32).
 
+clip_grad_norm_'s masked norms: one program per chunk reads the gradient and
+its mask bits once and writes the chunk's sum of squares (fp32 lanes, fp64
+result); the host adds the chunks of each tensor. No masked copy.
+
 Tuning: on a GPU, BLOCK and num_warps of the update are picked per kernel
 variant and device the first time it runs, by timing a few configurations on
 a scratch tensor (the update is in place, so the caller's tensors cannot be
@@ -56,7 +60,6 @@ import triton
 import triton.language as tl
 
 from .. import selection
-from . import reference
 
 NAME = "triton"
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
@@ -78,6 +81,8 @@ PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, SCORE, MASK_BITS, RESET = (tl.constexpr(i) for
 UPDATE_FIELDS = tl.constexpr(9)
 SELECT_SCORE, SELECT_OUT = tl.constexpr(2), tl.constexpr(3)
 SELECT_FIELDS = tl.constexpr(4)
+NORM_GRAD, NORM_BITS = tl.constexpr(2), tl.constexpr(3)
+NORM_FIELDS = tl.constexpr(4)
 
 # Mask modes of the update kernel.
 NO_MASK, MASK_GRAD, MASK_FREEZE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -289,6 +294,25 @@ def _pack_span(first, last, score_ptr, out_ptr, threshold, BLOCK: tl.constexpr):
         tl.store(out_ptr + out, byte.to(tl.uint8), mask=out * 8 < last)
 
 
+@triton.jit
+def _masked_norm_kernel(rows_ptr, owners_ptr, out_ptr, GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """Per chunk: the sum of (g * mask bit)^2 over its entries (an inf masked out gives NaN,
+    as grad * mask does); fp32 lanes of CHUNK / BLOCK terms, summed into an fp64 result."""
+    tensor, row, start, length = _chunk(rows_ptr, owners_ptr, NORM_FIELDS, CHUNK)
+    grad_ptr = _address(row, NORM_GRAD, GRAD_DTYPE, start)
+    bits_ptr = _address(row, NORM_BITS, tl.uint8, start // 8)
+    lanes = tl.zeros([BLOCK], dtype=tl.float32)
+    for block in range(0, length, BLOCK):
+        idx = block + tl.arange(0, BLOCK)
+        live = idx < length
+        grad = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32)
+        kept = (tl.load(bits_ptr + (idx >> 3), mask=live, other=0).to(tl.int32) >> (idx & 7)) & 1
+        masked = grad * kept.to(tl.float32)
+        lanes += masked * masked
+    tl.store(out_ptr + tl.program_id(0), tl.sum(lanes, 0).to(tl.float64))
+
+
 # ----- host side ---------------------------------------------------------------------------
 
 def _on(device):
@@ -428,6 +452,33 @@ def _update_config(device, variant):
     return _tuned[key]
 
 
+def masked_norms(grads, masks):
+    """1-D fp32 tensor: the L2 norm of each grad * its packed mask; semantics of
+    reference.masked_norms (summed in fp32 per lane and fp64 across chunks)."""
+    norms = [None] * len(grads)
+    by_dtype = {}
+    for i, grad in enumerate(grads):
+        if grad.numel() == 0:
+            norms[i] = torch.zeros((), device=grad.device)
+        else:
+            by_dtype.setdefault(grad.dtype, []).append(i)
+    block, num_warps = _SELECT_CONFIG
+    for dtype, indices in by_dtype.items():
+        device = grads[indices[0]].device
+        ready = _addressable([grads[i] for i in indices])
+        bits = _addressable([masks[i] for i in indices])
+        (rows, owners, _, _), n_chunks = _upload(device, [[g.data_ptr(), b.data_ptr()] for g, b in zip(ready, bits)],
+                                                 [g.numel() for g in ready])
+        partial = torch.empty(n_chunks, dtype=torch.float64, device=device)
+        with _on(device):
+            _masked_norm_kernel[(n_chunks,)](rows, owners, partial, GRAD_DTYPE=_TL_DTYPES[dtype], CHUNK=_CHUNK,
+                                             BLOCK=block, num_warps=num_warps)
+        sums = torch.zeros(len(indices), dtype=torch.float64, device=device).index_add_(0, owners, partial)
+        for i, norm in zip(indices, sums.sqrt().float()):
+            norms[i] = norm
+    return torch.stack(norms)
+
+
 def select_masks(scores, sparsity):
     """One packed mask per score tensor (see dps_fast.selection); semantics of reference.select_masks."""
     masks = [torch.empty((score.numel() + 7) // 8, dtype=torch.uint8, device=score.device) for score in scores]
@@ -452,6 +503,3 @@ def select_masks(scores, sparsity):
         _pack_kernel[(n_chunks,)](rows, owners, state, CHUNK=_CHUNK, BLOCK=block, num_warps=num_warps)
     return masks
 
-
-# No kernel of its own yet: clip_grad_norm_'s masked norms in PyTorch.
-masked_norms = reference.masked_norms
