@@ -36,6 +36,13 @@ struct SelectArgs {
   int64_t k;      // keep the k largest scores (ties at the k-th kept too)
 };
 
+// One gradient of a masked-norm call (DPSAdamW.clip_grad_norm_).
+struct NormArgs {
+  const void* g;
+  const uint8_t* mask;  // packed bits, ceil(numel / 8) bytes
+  int64_t numel;
+};
+
 // Entries [index * chunk, min(numel, (index + 1) * chunk)) of tensor `tensor`.
 struct Chunk {
   int32_t tensor;
@@ -116,6 +123,18 @@ static inline std::vector<SelectArgs> make_select_args(const std::vector<int64_t
     if (ks[i] < 1 || ks[i] > numels[i]) throw std::invalid_argument("dps_fast: k must be in [1, numel]");
     out.push_back(SelectArgs{(const float*)scores[i], (uint8_t*)masks[i], numels[i], ks[i]});
   }
+  return out;
+}
+
+// NormArgs of every tensor of a masked-norm call (empty ones too: their norm is 0).
+static inline std::vector<NormArgs> make_norm_args(const std::vector<int64_t>& grads,
+                                                   const std::vector<int64_t>& masks,
+                                                   const std::vector<int64_t>& numels) {
+  size_t n = grads.size();
+  check_length(masks, n, "masks");
+  check_length(numels, n, "numels");
+  std::vector<NormArgs> out;
+  for (size_t i = 0; i < n; ++i) out.push_back(NormArgs{(const void*)grads[i], (const uint8_t*)masks[i], numels[i]});
   return out;
 }
 

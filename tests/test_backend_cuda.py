@@ -13,8 +13,8 @@ import shutil
 import pytest
 import torch
 
-from backend_checks import (DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_select, check_select_many,
-                            check_update)
+from backend_checks import (DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_masked_norms, check_select,
+                            check_select_many, check_update)
 from backend_parity import assert_matches_reference, cases
 from scaler_checks import assert_sync_free_matches_host_synced
 from dps_fast import DPSAdamW, backends, selection
@@ -139,6 +139,12 @@ def test_update_with_grad_scaler_and_clip(mode):
     check_update(cuda_backend, "cuda", mode, torch.float32, [(4097,), (7,)],
                  inv_scale=torch.full((), 1 / 1024, device="cuda"), found_inf=torch.zeros((), device="cuda"),
                  grad_coef=torch.full((), 0.37, device="cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_norms_match_reference(dtype):
+    check_masked_norms(cuda_backend, "cuda", dtype)
 
 
 @gpu

@@ -120,22 +120,13 @@ void update(int mode, int dtype, const UpdateLists& lists, double lr, double bet
 
 // ----- masked gradient norms ----------------------------------------------------------
 
-struct NormArgs {
-  const void* g;
-  const uint8_t* mask;
-  int64_t numel;
-};
-
 // Per tensor, the squared L2 norm of grad * mask (summed in double, chunk by
 // chunk in a fixed order, so the result does not depend on the thread count).
 std::vector<double> masked_sq_norms(int dtype, const std::vector<int64_t>& grads, const std::vector<int64_t>& masks,
                                     const std::vector<int64_t>& numels, int num_threads) {
   dtype_size(dtype);  // rejects an unknown dtype code
-  const size_t n = grads.size();
-  check_length(masks, n, "masks");
-  check_length(numels, n, "numels");
-  std::vector<NormArgs> tensors;
-  for (size_t i = 0; i < n; ++i) tensors.push_back(NormArgs{(const void*)grads[i], (const uint8_t*)masks[i], numels[i]});
+  const std::vector<NormArgs> tensors = make_norm_args(grads, masks, numels);
+  const size_t n = tensors.size();
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
   std::vector<double> partial(chunks.size());
   const Kernels kernels = active();

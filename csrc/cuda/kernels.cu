@@ -155,6 +155,43 @@ void launch_update(int mode, int grid, cudaStream_t stream, const TensorArgs* te
 #undef DPS_LAUNCH
 }
 
+// ----- masked gradient norms (clip_grad_norm_) ------------------------------------------
+
+// Per chunk: each thread sums (g * bit)^2 over its entries in fp32 (at most
+// kUpdateChunk / kThreads = 64 terms), the block adds the threads' sums in
+// double, and one atomic adds that to the tensor's total. An inf masked out
+// gives NaN, as grad * mask does.
+template <typename P>
+__global__ void __launch_bounds__(kThreads)
+    masked_norm_kernel(const NormArgs* __restrict__ tensors, const Chunk* __restrict__ chunks, int nchunks,
+                       double* __restrict__ sums) {
+  __shared__ double warp_sums[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    const Chunk chunk = chunks[c];
+    const NormArgs a = tensors[chunk.tensor];
+    const P* __restrict__ g = (const P*)a.g;
+    const int64_t begin = (int64_t)chunk.index * kUpdateChunk;
+    const int64_t end = min64(begin + kUpdateChunk, a.numel);
+    float sum = 0.0f;
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+      const float x = load_value(g[i]) * (float)((a.mask[i >> 3] >> (i & 7)) & 1u);
+      sum = fmaf(x, x, sum);
+    }
+    double total = sum;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_down_sync(0xffffffffu, total, offset);
+    if (lane == 0) warp_sums[warp] = total;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double block = 0.0;
+      for (int w = 0; w < kThreads / 32; ++w) block += warp_sums[w];
+      atomicAdd(&sums[chunk.tensor], block);
+    }
+    __syncthreads();  // warp_sums is reused by the next chunk
+  }
+}
+
 // ----- the selection ---------------------------------------------------------------
 
 // Pass `pass`: per-block shared histograms of the candidates' digits, added
@@ -453,36 +490,69 @@ int device_count() {
   return count;
 }
 
-void update(int device, int64_t stream_handle, int mode, int dtype, const std::vector<TensorArgs>& tensors,
-            const Hyper& hyper, int64_t grad_coef, int64_t inv_scale, int64_t found_inf) {
-  ensure_ready();
-  if (tensors.empty()) return;
-  const std::vector<Chunk> chunks = make_chunks(tensors, kUpdateChunk);
-  const size_t tensor_bytes = round_up(tensors.size() * sizeof(TensorArgs));
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// f(Type<P>()) with P the storage type of dtype code `dtype`.
+template <typename F>
+void with_dtype(int dtype, F f) {
+  switch (dtype) {
+    case kFloat32: return f(Type<float>());
+    case kBFloat16: return f(Type<bf16_t>());
+    case kFloat16: return f(Type<f16_t>());
+    default: throw std::invalid_argument("dps_fast: unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
+// Stages a call's per-tensor table and chunk table (chunks of `chunk` entries)
+// through a slot, sends them on `stream`, and calls
+// launch(tensor_table, chunk_table, nchunks, grid) to queue the kernels
+// while the slot is held. Nothing is launched when every tensor is empty.
+template <typename Args, typename Launch>
+void with_tables(int device, cudaStream_t stream, const std::vector<Args>& tensors, int64_t chunk, Launch launch) {
+  const std::vector<Chunk> chunks = make_chunks(tensors, chunk);
+  if (chunks.empty()) return;
+  const size_t tensor_bytes = round_up(tensors.size() * sizeof(Args));
   const size_t bytes = tensor_bytes + chunks.size() * sizeof(Chunk);
-  cudaStream_t stream = (cudaStream_t)stream_handle;
   DeviceGuard guard(device);
   refuse_capture(stream);
   SlotUse slot(update_staging(), device, bytes, bytes, stream);
-  memcpy(slot.host(), tensors.data(), tensors.size() * sizeof(TensorArgs));
+  memcpy(slot.host(), tensors.data(), tensors.size() * sizeof(Args));
   memcpy(slot.host() + tensor_bytes, chunks.data(), chunks.size() * sizeof(Chunk));
   check(cudaMemcpyAsync(slot.device(), slot.host(), bytes, cudaMemcpyHostToDevice, stream), "copying the table");
-  const TensorArgs* table = (const TensorArgs*)slot.device();
-  const Chunk* chunk_table = (const Chunk*)(slot.device() + tensor_bytes);
   const int nchunks = (int)chunks.size();
-  const int grid = grid_for(device, nchunks);
-  const float* coef = (const float*)grad_coef;
-  const float* unscale = (const float*)inv_scale;
-  const float* inf = (const float*)found_inf;
-#define DPS_LAUNCH(P) launch_update<P>(mode, grid, stream, table, chunk_table, nchunks, hyper, coef, unscale, inf)
-  switch (dtype) {
-    case kFloat32: DPS_LAUNCH(float); break;
-    case kBFloat16: DPS_LAUNCH(bf16_t); break;
-    case kFloat16: DPS_LAUNCH(f16_t); break;
-    default: throw std::invalid_argument("dps_fast: unsupported dtype code " + std::to_string(dtype));
-  }
-#undef DPS_LAUNCH
-  check(cudaGetLastError(), "launching the update kernel");
+  launch((const Args*)slot.device(), (const Chunk*)(slot.device() + tensor_bytes), nchunks, grid_for(device, nchunks));
+}
+
+void update(int device, int64_t stream_handle, int mode, int dtype, const std::vector<TensorArgs>& tensors,
+            const Hyper& hyper, int64_t grad_coef, int64_t inv_scale, int64_t found_inf) {
+  ensure_ready();
+  cudaStream_t stream = (cudaStream_t)stream_handle;
+  with_tables(device, stream, tensors, kUpdateChunk,
+              [&](const TensorArgs* table, const Chunk* chunks, int nchunks, int grid) {
+                with_dtype(dtype, [&](auto type) {
+                  launch_update<typename decltype(type)::type>(mode, grid, stream, table, chunks, nchunks, hyper,
+                                                               (const float*)grad_coef, (const float*)inv_scale,
+                                                               (const float*)found_inf);
+                });
+                check(cudaGetLastError(), "launching the update kernel");
+              });
+}
+
+void masked_sq_norms(int device, int64_t stream_handle, int dtype, const std::vector<NormArgs>& tensors,
+                     int64_t sums) {
+  ensure_ready();
+  cudaStream_t stream = (cudaStream_t)stream_handle;
+  with_tables(device, stream, tensors, kUpdateChunk,
+              [&](const NormArgs* table, const Chunk* chunks, int nchunks, int grid) {
+                with_dtype(dtype, [&](auto type) {
+                  masked_norm_kernel<typename decltype(type)::type>
+                      <<<grid, kThreads, 0, stream>>>(table, chunks, nchunks, (double*)sums);
+                });
+                check(cudaGetLastError(), "launching the masked-norm kernel");
+              });
 }
 
 void select(int device, int64_t stream_handle, const std::vector<SelectArgs>& tensors) {

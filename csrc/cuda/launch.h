@@ -25,6 +25,11 @@ int device_count();
 void update(int device, int64_t stream, int mode, int dtype, const std::vector<TensorArgs>& tensors,
             const Hyper& hyper, int64_t grad_coef, int64_t inv_scale, int64_t found_inf);
 
+// Adds the squared L2 norm of each grad * mask (of dtype `dtype`) to the
+// fp64 device array at `sums` (one entry per tensor, zeroed by the caller),
+// queued on `stream`.
+void masked_sq_norms(int device, int64_t stream, int dtype, const std::vector<NormArgs>& tensors, int64_t sums);
+
 // Packed masks of the k largest scores of each tensor (ties kept), queued on `stream`.
 void select(int device, int64_t stream, const std::vector<SelectArgs>& tensors);
 

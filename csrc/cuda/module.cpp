@@ -39,6 +39,16 @@ PYBIND11_MODULE(_cuda_kernels, m) {
       },
       "Packed top-k masks (ties kept) of fp32 score tensors, queued on `stream`.");
   m.def(
+      "masked_sq_norms",
+      [](int device, int64_t stream, int dtype, const std::vector<int64_t>& grads, const std::vector<int64_t>& masks,
+         const std::vector<int64_t>& numels, int64_t sums) {
+        dtype_size(dtype);  // rejects an unknown dtype code
+        std::vector<NormArgs> tensors = make_norm_args(grads, masks, numels);
+        py::gil_scoped_release release;
+        cuda::masked_sq_norms(device, stream, dtype, tensors, sums);
+      },
+      "Adds each grad * mask's squared L2 norm to the fp64 device array at `sums`, queued on `stream`.");
+  m.def(
       "unavailable_reason",
       []() -> py::object {
         std::string reason = cuda::unavailable_reason();

@@ -96,7 +96,8 @@ def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, b
 
 def masked_norms(launch, grads, masks):
     """reference.masked_norms's result, the contiguous grads of kernel dtypes computed
-    by launch(dtype_code, grad_addresses, mask_addresses, numels) -> squared norms."""
+    by launch(dtype_code, grad_addresses, mask_addresses, numels) -> squared norms
+    (a list, or an fp64 tensor on the grads' device)."""
     norms = [None] * len(grads)
     by_dtype = {}
     for i, grad in enumerate(grads):
@@ -107,7 +108,7 @@ def masked_norms(launch, grads, masks):
     for dtype, indices in by_dtype.items():
         squares = launch(DTYPE_CODES[dtype], [grads[i].data_ptr() for i in indices],
                          [masks[i].data_ptr() for i in indices], [grads[i].numel() for i in indices])
-        for i, norm in zip(indices, torch.tensor(squares, dtype=torch.float64).sqrt().float()):
+        for i, norm in zip(indices, torch.as_tensor(squares, dtype=torch.float64).sqrt().float()):
             norms[i] = norm
     return torch.stack(norms)
 

@@ -6,7 +6,7 @@ batched radix select over the scores' bit patterns (no sort, no copy).
 Same contract and results as the reference backend (reference.py)."""
 import torch
 
-from . import _compiled, reference
+from . import _compiled
 
 NAME = "cuda"
 
@@ -70,5 +70,17 @@ def select_masks(scores, sparsity):
     return _compiled.select_masks(launch, scores, sparsity)
 
 
-# No kernel of its own yet: clip_grad_norm_'s masked norms in PyTorch.
-masked_norms = reference.masked_norms
+def masked_norms(grads, masks):
+    """reference.masked_norms's contract on the CUDA tensors of one device: one
+    pass over each gradient and its mask bits."""
+    if not grads:
+        return torch.empty(0)
+    device = grads[0].device
+    index, stream = _place(device)
+
+    def launch(dtype, grad_addresses, mask_addresses, numels):
+        sums = torch.zeros(len(numels), dtype=torch.float64, device=device)
+        _module().masked_sq_norms(index, stream, dtype, grad_addresses, mask_addresses, numels, sums.data_ptr())
+        return sums
+
+    return _compiled.masked_norms(launch, grads, masks)
