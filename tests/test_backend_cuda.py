@@ -117,8 +117,8 @@ def test_update_matches_reference(mode, dtype):
 
 @gpu
 def test_unaligned_tensors_take_the_scalar_path():
-    storage = torch.zeros(4101, device="cuda")
-    views = [storage[1:], storage[2:4099]]  # contiguous, not 16-byte aligned
+    # contiguous, not 16-byte aligned; separate storages (overlapping views would race)
+    views = [torch.zeros(4101, device="cuda")[1:], torch.zeros(4101, device="cuda")[2:4099]]
     for view in views:
         view.copy_(torch.randn(view.shape))
     grads = [torch.randint(-63, 64, v.shape, device="cuda").float() / 16 for v in views]
@@ -127,8 +127,9 @@ def test_unaligned_tensors_take_the_scalar_path():
     want = [v.cpu().clone() for v in views]
     cuda_backend.update(views, grads, avgs, sqs, [1, 1], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
                         weight_decay=0.1)
-    reference.update(want, [g.cpu() for g in grads], [a.cpu() for a in avgs], [s.cpu() for s in sqs], [1, 1],
-                     lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    fresh = [[torch.zeros(v.shape) for v in views] for _ in range(2)]  # avgs and sqs are updated by now
+    reference.update(want, [g.cpu() for g in grads], *fresh, [1, 1], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.1)
     for got, expected in zip(views, want):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
 
@@ -260,6 +261,6 @@ def test_a_tensor_past_2_to_the_31_entries():
     tail_bits[-1000:] = True
     head = mask[: (numel - 5000) // 8]
     assert int(head.count_nonzero()) == 0
-    tail = selection.unpack_mask(mask[(numel - 5000) // 8:].cpu(), (mask.numel() - (numel - 5000) // 8) * 8)
+    tail = selection.unpack_mask(mask[(numel - 5000) // 8:].cpu(), ((mask.numel() - (numel - 5000) // 8) * 8,))
     start = (numel - 5000) - (numel - 5000) // 8 * 8
     assert torch.equal(tail[start:start + 5000], tail_bits)

@@ -350,7 +350,10 @@ def _upload(device, fields, numels, floats=(), extra=()):
         floats = torch.cat([floats, floats.new_zeros(1)])
     parts = [rows.reshape(-1), owners, torch.tensor(extra, dtype=torch.int64), floats.view(torch.int64)]
     sizes = [part.numel() for part in parts]
-    views = list(torch.cat(parts).to(device, non_blocking=True).split(sizes))
+    table = torch.cat(parts)
+    if device.type == "cuda":  # from pageable memory a "non-blocking" copy may wait for the stream
+        table = table.pin_memory()
+    views = list(table.to(device, non_blocking=True).split(sizes))
     views[3] = views[3].view(torch.float32)
     return views, len(owners)
 
@@ -380,12 +383,15 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
         def pick(values):
             return None if values is None else [values[i] for i in indices]
 
+        # The table holds addresses only: every tensor it names, copies included, stays
+        # referenced here until the launch is queued (the tuning of a first call allocates).
         copy_back = []
+        ready = dict(params=_addressable(pick(params), copy_back), grads=_addressable(pick(grads)),
+                     exp_avgs=_addressable(pick(exp_avgs), copy_back),
+                     exp_avg_sqs=_addressable(pick(exp_avg_sqs), copy_back),
+                     scores=_addressable(pick(scores), copy_back), masks=_addressable(pick(masks)))
         tables = _update_tables(device, lr, beta1, beta2, steps=pick(steps), reset_scores=pick(reset_scores),
-                                params=_addressable(pick(params), copy_back), grads=_addressable(pick(grads)),
-                                exp_avgs=_addressable(pick(exp_avgs), copy_back),
-                                exp_avg_sqs=_addressable(pick(exp_avg_sqs), copy_back),
-                                scores=_addressable(pick(scores), copy_back), masks=_addressable(pick(masks)))
+                                **ready)
         variant = (param_dtype, grad_dtype, scores is not None, mask_mode)
         with _on(device):
             _launch_update(tables, variant, hyper, scalars, _update_config(device, variant))
@@ -438,11 +444,11 @@ def _update_config(device, variant):
         def zeros(dtype=torch.float32, numel=n):
             return [torch.zeros(numel, dtype=dtype, device=device)]
 
-        tables = _update_tables(device, 1e-3, 0.9, 0.999, params=zeros(param_dtype), grads=zeros(grad_dtype),
-                                exp_avgs=zeros(), exp_avg_sqs=zeros(), scores=zeros() if scored else None,
-                                reset_scores=[False],
-                                masks=None if mask_mode == NO_MASK.value else zeros(torch.uint8, n // 8),
-                                steps=[1])
+        # held until the timing is done: the table keeps only their addresses
+        scratch = dict(params=zeros(param_dtype), grads=zeros(grad_dtype), exp_avgs=zeros(), exp_avg_sqs=zeros(),
+                       scores=zeros() if scored else None,
+                       masks=None if mask_mode == NO_MASK.value else zeros(torch.uint8, n // 8))
+        tables = _update_tables(device, 1e-3, 0.9, 0.999, reset_scores=[False], steps=[1], **scratch)
         hyper = dict(decay=1.0, lerp_weight=0.1, beta2=0.999, one_minus_beta2=0.001, eps=1e-8)
         scalars = dict(inv_scale=None, found_inf=None, grad_coef=None)
         with _on(device):
