@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine (about 6 minutes on one H100; every
 # step has a time limit and the whole run stops starting steps after
-# GPU_CHECK_SECONDS, default 450):
+# GPU_CHECK_SECONDS, default 450). Steps, most valuable first:
+#   0. preflight: python, its headers (the build needs Python.h), nvcc, torch, triton
 #   1. build in place: pip install --no-build-isolation --no-deps -e . (DPS_FAST_CUDA=1: CUDA must build)
 #   2. dps-fast info
 #   3. GPU tests: tests/test_backend_cuda.py (CUDA module vs pure PyTorch, >2^31 entries, no host sync
-#      (GradScaler included), one launch per step)
-#   4. compute-sanitizer memcheck on a small DPSAdamW run (every kernel of the module, odd sizes)
-#   5. the throughput benchmark: python -m dps_fast bench (50M parameters, step and boundary rows)
-#   6. GPU tests of the Triton backend: tests/test_backend_triton.py
-#   7. compute-sanitizer racecheck on the selection (shared-memory histograms)
-#   8. benchmarks/grad_scaler_cost.py: GradScaler's host-synced path vs DPSAdamW's sync-free one
-# and prints a short table last. Logs and bench.json go to OUT_DIR.
+#      (GradScaler included), one launch per step, masked norms)
+#   4. the throughput benchmark: python -m dps_fast bench (50M parameters, step and boundary rows)
+#   5. compute-sanitizer memcheck on a small DPSAdamW run (every kernel of the module, odd sizes)
+#   6. benchmarks/grad_scaler_cost.py: GradScaler's host-synced path vs DPSAdamW's sync-free one
+#   7. GPU tests of the Triton backend: tests/test_backend_triton.py
+#   8. compute-sanitizer racecheck on the selection (shared-memory histograms)
+# and prints a short table last. Logs and bench.json go to LOG_DIR; where $OUT is set (the
+# device tool), they are also packed into $OUT/gpu_check.tgz after every step (the tool
+# brings back at most 8 files).
 #
-# Usage, from anywhere:  bash benchmarks/gpu_check.sh [OUT_DIR]
+# Usage, from anywhere:  bash benchmarks/gpu_check.sh [LOG_DIR]
 # Environment: PYTHON (default python3), GPU_CHECK_SECONDS, BENCH_ARGS (extra `dps_fast bench` arguments).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
-OUT_DIR=${1:-${OUT:-/tmp/dps_gpu_check}}
+OUT_DIR=${1:-/tmp/dps_gpu_check}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_SECONDS:-450}
@@ -46,7 +49,7 @@ run_step() {
   tail -n 25 "$OUT_DIR/$name.log"
   if ((rc == 0)); then
     status=ok
-  elif ((rc == 124 || rc == 130)); then
+  elif ((rc == 124 || rc == 130 || rc == 137)); then  # 137: still running after --kill-after
     status="TIMEOUT"
     FAILED=1
   else
@@ -56,13 +59,41 @@ run_step() {
   local last
   last=$(grep -v '^\s*$' "$OUT_DIR/$name.log" | tail -n 1 | cut -c1-70)
   SUMMARY+=("$(printf '%-18s %-22s %6s  %s' "$name" "$status" "$(($(date +%s) - t0))" "$last")")
+  save_logs
 }
+
+# Where the device tool collects files ($OUT), keep one archive of the logs, fresh after every step.
+save_logs() {
+  if [[ -n "${OUT:-}" && -d "$OUT" ]]; then
+    tar czf "$OUT/gpu_check.tgz" -C "$OUT_DIR" . 2>/dev/null
+  fi
+}
+
+PREFLIGHT=$(
+  cat <<'EOF'
+import os, sys, sysconfig
+header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+print(f"python {sys.version.split()[0]} at {sys.executable}; Python.h {'found' if os.path.exists(header) else 'MISSING'} ({header})")
+import torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except ImportError as error:
+    print(f"triton: {error}")
+sys.exit(0 if os.path.exists(header) else 1)
+EOF
+)
 
 nvidia-smi -L 2>&1 | tee "$OUT_DIR/gpu.txt"
 
+run_step preflight 60 bash -c 'command -v nvcc && nvcc --version | tail -n 2; "$0" -c "$1"' "$PY" "$PREFLIGHT"
 run_step build 240 env DPS_FAST_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 run_step info 60 "$PY" -m dps_fast info
 run_step cuda-tests 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_backend_cuda.py
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+run_step bench 200 "$PY" -m dps_fast bench --device cuda --sections step,boundary --scale 0.1654 \
+  --no-progress --json "$OUT_DIR/bench.json" ${BENCH_ARGS:-}
 
 # Without the caching allocator every tensor is its own allocation, so an
 # access past a tensor's end is outside any allocation and memcheck sees it.
@@ -101,20 +132,17 @@ EOF
 )
 if command -v compute-sanitizer >/dev/null; then
   run_step memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-    --error-exitcode 1 "$PY" -c "$SANITIZER_CASE"
+    --report-api-errors no --error-exitcode 1 "$PY" -c "$SANITIZER_CASE"
 else
   SUMMARY+=("$(printf '%-18s %-22s %6s  %s' memcheck "skipped" "-" "compute-sanitizer not found")")
 fi
+run_step scaler-cost 60 "$PY" benchmarks/grad_scaler_cost.py --device cuda
 
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-run_step bench 200 "$PY" -m dps_fast bench --device cuda --sections step,boundary --scale 0.1654 \
-  --no-progress --json "$OUT_DIR/bench.json" ${BENCH_ARGS:-}
 run_step triton-tests 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_backend_triton.py
 if command -v compute-sanitizer >/dev/null; then
-  run_step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  run_step racecheck 90 compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 1 \
     "$PY" -c "$SELECT_CASE"
 fi
-run_step scaler-cost 60 "$PY" benchmarks/grad_scaler_cost.py --device cuda
 
 echo
 echo "=== gpu_check summary: $(head -n 1 "$OUT_DIR/gpu.txt" 2>/dev/null), $(($(date +%s) - START)) s; logs in $OUT_DIR"
@@ -146,4 +174,5 @@ for backend in sorted({r["backend"] for r in rows if r.get("backend")}):
     print(f"{backend:<10}" + "".join(f"{c:>16}" for c in cells))
 EOF
 fi
+save_logs
 exit $FAILED
