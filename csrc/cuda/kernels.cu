@@ -1,11 +1,14 @@
 // CUDA kernels of dps_fast: the multi-tensor update (one launch per call for
-// every tensor, through a chunk table) and the batched radix selection.
+// every tensor, through a chunk table), the masked gradient norms of
+// clip_grad_norm_, and the batched radix selection.
 //
 // Tables are built on the host (dps_table.h), copied into a pinned staging
 // buffer and sent with the work on the caller's stream; a buffer is reused
-// only once an event says the GPU is done with it, so nothing here waits for
-// the GPU. GradScaler's found_inf and inv_scale and the clip factor are read
-// on the device: no host synchronisation anywhere.
+// only once an event says the GPU is done with it, so the host does not wait
+// for the GPU, except when a staging buffer must grow (cudaFree and
+// cudaFreeHost synchronise; buffers double, so this stops after the first
+// calls) or more than 64 calls are in flight. GradScaler's found_inf and
+// inv_scale and the clip factor are read on the device.
 #include <cuda_runtime.h>
 #include <string.h>
 
@@ -25,7 +28,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;           // 2048 resident threads per SM
+constexpr int kBlocksPerSm = 8;           // grid size; registers let about 4 blocks reside at once
 constexpr int64_t kUpdateChunk = 16384;   // a multiple of 4 * kThreads
 constexpr int64_t kSelectChunk = 65536;   // a multiple of kUnroll * kThreads
 constexpr int kUnroll = 4;                // selection: loads in flight per thread
