@@ -508,4 +508,3 @@ def select_masks(scores, sparsity):
             _narrow_kernel[(len(live),)](hist[pass_], state, num_warps=1)
         _pack_kernel[(n_chunks,)](rows, owners, state, CHUNK=_CHUNK, BLOCK=block, num_warps=num_warps)
     return masks
-
