@@ -138,9 +138,10 @@ def evaluate(model, encoded, device, batch_size=128):
 
 # ----- one run ----------------------------------------------------------------------
 
-def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_step=None):
+def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_step=None, eval_every=None):
     """Fine-tune a copy of `base_model` on `train` (Encoded) with `method` and
-    return a dict of results (dev accuracy on `dev`, seconds, ...)."""
+    return a dict of results (dev accuracy on `dev`, seconds, ...); with
+    `eval_every` (steps), also the dev accuracy every that many steps ("curve")."""
     import torch
 
     from .baselines import build_optimizer
@@ -163,8 +164,8 @@ def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_ste
         stage_ratio=recipe.stage_ratio, reserve=recipe.reserve, fisher_batches=fisher_batches,
         max_grad_norm=recipe.max_grad_norm, backend=recipe.backend)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(recipe.warmup_ratio * steps), steps)
-    losses = []
-    for indices in _batch_order(len(train), recipe.batch_size, steps, seed):
+    losses, curve, seconds_curve = [], [], 0.0
+    for step, indices in enumerate(_batch_order(len(train), recipe.batch_size, steps, seed), 1):
         loss = model(**train.batch(indices, device)).loss
         optimizer.zero_grad()
         loss.backward()
@@ -174,17 +175,25 @@ def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_ste
         losses.append(loss.item())
         if on_step is not None:
             on_step(loss.item())
-    seconds = time.perf_counter() - start
+        if eval_every and step % eval_every == 0 and step < steps:
+            tick = time.perf_counter()
+            curve.append([step, evaluate(model, dev, device)])
+            seconds_curve += time.perf_counter() - tick
+    seconds = time.perf_counter() - start - seconds_curve
     accuracy = evaluate(model, dev, device)
     tail = losses[-max(1, len(losses) // 10):]
-    return dict(method=method, seed=seed, steps=steps, dev_accuracy=accuracy, train_loss=sum(tail) / len(tail),
+    majority = max(dev.labels.count(label) for label in set(dev.labels)) / len(dev)
+    extra = dict(curve=curve + [[steps, accuracy]]) if eval_every else {}
+    return dict(method=method, seed=seed, lr=recipe.lr, steps=steps, dev_accuracy=accuracy, majority=majority,
+                **extra, train_loss=sum(tail) / len(tail),
                 stage_steps=optimizer.param_groups[0]["stage_steps"] if isinstance(optimizer, DPSAdamW) else None,
                 seconds=seconds, seconds_eval=time.perf_counter() - start - seconds)
 
 
 # ----- many runs, table, plot -------------------------------------------------------
 
-def run_study(tasks, train_sizes, methods, seeds, recipe, device="cpu", progress=True, on_run=None, dev_size=None):
+def run_study(tasks, train_sizes, methods, seeds, recipe, device="cpu", progress=True, on_run=None, dev_size=None,
+              eval_every=None):
     """Every (task, train size, seed, method), seeds in the outer loop so that
     a stopped study holds whole comparisons. Returns the list of run dicts."""
     from tqdm.auto import tqdm
@@ -213,7 +222,8 @@ def run_study(tasks, train_sizes, methods, seeds, recipe, device="cpu", progress
                         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
                     result = dict(task=task, train_size=len(train), dev_size=len(dev), max_length=max_length,
-                                  **train_run(base, train, dev, method, seed, recipe, device, on_step))
+                                  **train_run(base, train, dev, method, seed, recipe, device, on_step,
+                                              eval_every and max(1, round(steps * eval_every))))
                     runs.append(result)
                     bar.write(f"{task} n={result['train_size']} {method:<13} seed {seed}: dev accuracy "
                               f"{100 * result['dev_accuracy']:.2f}%  ({result['seconds']:.0f} s)", file=sys.stdout)
@@ -341,6 +351,8 @@ def add_arguments(parser):
     parser.add_argument("--plot", metavar="PNG", help="draw accuracy per method with the seed spread")
     parser.add_argument("--load", metavar="JSON", nargs="+",
                         help="no training: tabulate (and --plot) the runs saved in these --json files")
+    parser.add_argument("--eval-every", type=float, default=None, metavar="FRACTION",
+                        help="also evaluate on the dev set every FRACTION of the steps (e.g. 0.1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -348,7 +360,7 @@ def command_line(args):
     """The command that repeats this study (training options only, all spelled out)."""
     words = ["dps-fast", "finetune"]
     for flag in ("task", "method", "seeds", "first_seed", "train_size", "steps", "epochs", "lr", "batch_size",
-                 "max_length", "sparsity", "stage_ratio", "reserve", "backend", "dev_size", "device", "threads"):
+                 "max_length", "sparsity", "stage_ratio", "reserve", "backend", "dev_size", "device", "threads", "eval_every"):
         value = getattr(args, flag)
         if value is None or (flag == "epochs" and args.steps is not None):
             continue
@@ -392,7 +404,8 @@ def run(args):
         try:
             seeds = list(range(args.first_seed, args.first_seed + args.seeds))
             runs = run_study(args.task, args.train_size, args.method, seeds, recipe, device,
-                             progress=not args.no_progress, on_run=save, dev_size=args.dev_size)
+                             progress=not args.no_progress, on_run=save, dev_size=args.dev_size,
+                             eval_every=args.eval_every)
         except MissingPackage as error:
             print(f"dps-fast finetune: {error}", file=sys.stderr)
             return 2
