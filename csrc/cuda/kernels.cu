@@ -7,8 +7,9 @@
 // only once an event says the GPU is done with it, so the host does not wait
 // for the GPU, except when a staging buffer must grow (cudaFree and
 // cudaFreeHost synchronise; buffers double, so this stops after the first
-// calls) or more than 64 calls are in flight. GradScaler's found_inf and
-// inv_scale and the clip factor are read on the device.
+// calls) or more than 64 calls are in flight; host_waits() counts those
+// moments, so that tests can check they stop after warm-up. GradScaler's
+// found_inf and inv_scale and the clip factor are read on the device.
 #include <cuda_runtime.h>
 #include <string.h>
 
@@ -32,6 +33,9 @@ constexpr int kBlocksPerSm = 8;           // grid size; registers let about 4 bl
 constexpr int64_t kUpdateChunk = 16384;   // a multiple of 4 * kThreads
 constexpr int64_t kSelectChunk = 65536;   // a multiple of kUnroll * kThreads
 constexpr int kUnroll = 4;                // selection: loads in flight per thread
+
+// Staging allocations, frees and event waits so far (each may make the host wait for the GPU).
+std::atomic<uint64_t> host_wait_count(0);
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
@@ -336,6 +340,7 @@ class Staging {
       if (oldest == nullptr || candidate->recorded < oldest->recorded) oldest = candidate.get();
     }
     if (slot == nullptr && oldest != nullptr && slots.size() >= kMaxSlots) {
+      host_wait_count.fetch_add(1, std::memory_order_relaxed);
       check(cudaEventSynchronize(oldest->done), "waiting for a staging buffer");
       slot = oldest;
     }
@@ -345,6 +350,7 @@ class Staging {
       check(cudaEventCreateWithFlags(&slot->done, cudaEventDisableTiming), "creating an event");
     }
     if (slot->host_bytes < host_bytes) {
+      host_wait_count.fetch_add(1, std::memory_order_relaxed);
       if (slot->host) check(cudaFreeHost(slot->host), "freeing pinned memory");
       slot->host = nullptr, slot->host_bytes = 0;
       size_t bytes = round_up(host_bytes * 2);
@@ -352,6 +358,7 @@ class Staging {
       slot->host_bytes = bytes;
     }
     if (slot->device_bytes < device_bytes) {
+      host_wait_count.fetch_add(1, std::memory_order_relaxed);
       if (slot->device) check(cudaFree(slot->device), "freeing device memory");
       slot->device = nullptr, slot->device_bytes = 0;
       size_t bytes = round_up(device_bytes * 2);
@@ -485,6 +492,8 @@ std::string unavailable_reason() {
 }
 
 int runtime_version() { return CUDART_VERSION; }
+
+uint64_t host_waits() { return host_wait_count.load(std::memory_order_relaxed); }
 
 int device_count() {
   ensure_ready();

@@ -17,6 +17,9 @@ std::string unavailable_reason();
 int runtime_version();
 // Throws std::runtime_error saying why when no CUDA device is usable.
 int device_count();
+// How often the staging code allocated or freed a table buffer or waited on
+// an event so far: the only places where a call may wait for the GPU.
+uint64_t host_waits();
 
 // One launch for every tensor (all of dtype `dtype` on `device`), queued on
 // `stream` (a cudaStream_t as an integer). grad_coef, inv_scale and found_inf

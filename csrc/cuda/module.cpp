@@ -57,6 +57,8 @@ PYBIND11_MODULE(_cuda_kernels, m) {
       },
       "None if the CUDA runtime reaches a GPU, else why not.");
   m.def("device_count", &cuda::device_count, "GPUs the runtime sees; RuntimeError saying why if none is usable.");
+  m.def("host_waits", &cuda::host_waits,
+        "Staging-buffer allocations, frees and event waits so far (where a call may wait for the GPU).");
   m.attr("archs") = DPS_CUDA_ARCHS;
   m.attr("runtime_version") = cuda::runtime_version();
 }
