@@ -12,6 +12,7 @@ Environment:
   DPS_FAST_CUDA_ARCHS  CUDA architectures, default "80;90" (never "native")
   DPS_FAST_BUILD_JOBS  parallel compile jobs (default: all cores)
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -41,12 +42,16 @@ def find_cmake():
         return None
 
 
-def find_nvcc():
-    candidates = [os.environ.get("CUDACXX"), shutil.which("nvcc")]
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "nvcc"))
-    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+def _load_toolchain():
+    """dps_fast/toolchain.py (find_nvcc), loaded by path: importing dps_fast would import torch."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dps_fast", "toolchain.py")
+    spec = importlib.util.spec_from_file_location("_dps_fast_toolchain", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+find_nvcc = _load_toolchain().find_nvcc
 
 
 def cuda_request():
