@@ -1,15 +1,25 @@
 """The compiled CUDA backend.
 
 Everywhere (CI included): the build produced the module when nvcc is present,
-it imports without a GPU, and using it without a driver raises a clear
-RuntimeError. On a GPU: the parity harness and the direct checks of
+it imports without a GPU, using it without a driver raises a clear
+RuntimeError, and the host-side bias correction rounds as torch's CUDA
+kernels do. On a GPU: the parity harness and the direct checks of
 backend_checks.py against the reference, unaligned tensors, no host
-synchronisation, one launch per step, and a tensor of more than 2^31 entries
-(64-bit indexing)."""
+synchronisation (torch's and the module's own), work queued on the caller's
+stream, one launch per step, and a tensor of more than 2^31 entries (64-bit
+indexing).
+
+Where torch sees no GPU, the GPU tests skip with the reason the backend gives;
+where torch sees one but the backend cannot run (the module failed to build
+or import, a driver too old), they fail with that reason."""
 import importlib
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,51 +29,61 @@ from backend_parity import assert_matches_reference, cases
 from scaler_checks import assert_sync_free_matches_host_synced
 from dps_fast import DPSAdamW, backends, selection
 from dps_fast.backends import reference
+from dps_fast.toolchain import find_nvcc
 
 MODULE = "dps_fast._cuda_kernels"
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 
 
-def _nvcc():
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    found = [os.environ.get("CUDACXX"), shutil.which("nvcc")] + [h and os.path.join(h, "bin", "nvcc") for h in homes]
-    return next((f for f in found if f and os.path.isfile(f)), None)
-
-
-def _module():
+def _import_module():
+    """(module, None) or (None, why it does not import)."""
     try:
-        return importlib.import_module(MODULE)
-    except ImportError:
-        return None
+        return importlib.import_module(MODULE), None
+    except ImportError as error:
+        return None, f"{MODULE} does not import ({error})"
 
 
+KERNELS, IMPORT_ERROR = _import_module()
 cuda_backend = importlib.import_module("dps_fast.backends.cuda")
-ON_GPU = cuda_backend.unavailable_reason(torch.device("cuda")) is None
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU the CUDA backend can use")
+REASON = cuda_backend.unavailable_reason(torch.device("cuda"))  # None where the backend runs
+TORCH_SEES_A_GPU = torch.cuda.is_available() and not torch.version.hip
+
+
+@pytest.fixture
+def _backend_runs_where_torch_sees_a_gpu():
+    pytest.fail(f"torch sees {torch.cuda.get_device_name()} but the CUDA backend cannot run: {REASON}")
+
+
+if REASON is None:
+    gpu = pytest.mark.usefixtures()
+elif TORCH_SEES_A_GPU:
+    gpu = pytest.mark.usefixtures("_backend_runs_where_torch_sees_a_gpu")
+else:
+    gpu = pytest.mark.skip(reason=f"no GPU the CUDA backend can use: {REASON}")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-built = pytest.mark.skipif(_module() is None, reason="the CUDA module is not built")
+built = pytest.mark.skipif(KERNELS is None, reason=str(IMPORT_ERROR))
 
 
 # ----- everywhere ---------------------------------------------------------------------
 
-@pytest.mark.skipif(_nvcc() is None or os.environ.get("DPS_FAST_CUDA", "auto") == "0",
+@pytest.mark.skipif(find_nvcc() is None or os.environ.get("DPS_FAST_CUDA", "auto") == "0",
                     reason="no nvcc here (or DPS_FAST_CUDA=0): the CUDA module is not expected")
 def test_module_is_built_when_nvcc_is_present():
-    assert _module() is not None, (f"nvcc is at {_nvcc()} but {MODULE} was not built; "
-                                   "reinstall with `pip install -v .` and read the dps_fast warnings")
+    assert KERNELS is not None, (f"nvcc is at {find_nvcc()} but {IMPORT_ERROR}; "
+                                 "reinstall with `pip install -v .` and read the dps_fast warnings")
 
 
 @built
 def test_module_describes_itself():
-    module = _module()
-    archs = module.archs.split(",")
-    assert archs and all(a.isdigit() for a in archs), module.archs  # explicit architectures, never 'native'
-    assert module.runtime_version >= 11000
+    archs = KERNELS.archs.split(",")
+    assert archs and all(a.isdigit() for a in archs), KERNELS.archs  # explicit architectures, never 'native'
+    assert KERNELS.runtime_version >= 11000
 
 
 @built
 @no_gpu
 def test_without_a_driver_it_raises_a_clear_error():
-    module = _module()
+    module = KERNELS
     reason = module.unavailable_reason()
     assert reason and ("driver" in reason or "GPU" in reason), reason
     with pytest.raises(RuntimeError, match="cannot run"):
@@ -75,6 +95,59 @@ def test_without_a_driver_it_raises_a_clear_error():
     assert reason in cuda_backend.unavailable_reason(torch.device("cuda"))
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         backends.resolve("cuda", "cuda")
+
+
+def test_gpu_tests_give_the_reason_when_the_module_does_not_import(tmp_path):
+    """With the module made unimportable, a GPU test skips (no GPU) or fails (torch
+    sees one) with the import error as its reason, not a generic 'needs a GPU'."""
+    (tmp_path / "hide_cuda_module.py").write_text(f"import sys\nsys.modules[{MODULE!r}] = None\n")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider",
+                             "-p", "hide_cuda_module", f"{__file__}::test_auto_picks_the_cuda_backend"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert f"import of {MODULE} halted" in result.stdout, result.stdout[-3000:]  # the ImportError, passed on
+    assert "needs a GPU" not in result.stdout
+    assert ("1 failed" if TORCH_SEES_A_GPU else "1 skipped") in result.stdout, result.stdout[-3000:]
+
+
+# dps_math.h's make_step, compiled by the host compiler: its bias corrections for steps 1..2000.
+_MAKE_STEP_PROBE = r"""
+#include <stdio.h>
+#include <string.h>
+#include "dps_math.h"
+int main() {
+  for (long long step = 1; step <= 2000; ++step) {
+    dps::StepConsts s = dps::make_step(1e-3, 0.9, 0.999, step);
+    uint32_t b, inv;
+    memcpy(&b, &s.bias2_sqrt, 4);
+    memcpy(&inv, &s.inv_bias2_sqrt, 4);
+    printf("%u %u\n", b, inv);
+  }
+}
+"""
+
+
+def test_bias_correction_rounds_as_torch_cuda_divides(tmp_path):
+    """reference.adamw_math divides by the Python float b = (1 - beta2**step) ** 0.5;
+    on CUDA torch computes that as a multiplication by 1.0f / (float)b (its
+    BinaryDivTrueKernel.cu), and the kernel's inv_bias2_sqrt must be that fp32 value,
+    not the double inverse rounded once (1 ulp apart at 446 of these steps)."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler here")
+    source = tmp_path / "probe.cpp"
+    source.write_text(_MAKE_STEP_PROBE)
+    subprocess.run([compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", f"-I{CSRC}",
+                    str(source), "-o", str(tmp_path / "probe")], check=True, capture_output=True, timeout=120)
+    lines = subprocess.run([str(tmp_path / "probe")], check=True, capture_output=True, text=True).stdout.split()
+    got = np.array(lines, dtype=np.uint32).reshape(-1, 2).view(np.float32)
+    steps = np.arange(1, 2001)
+    b = np.array([(1 - 0.999**int(step)) ** 0.5 for step in steps])  # the reference's Python floats
+    torch_cuda = np.float32(1.0) / b.astype(np.float32)
+    assert np.array_equal(got[:, 0], b.astype(np.float32))
+    assert np.array_equal(got[:, 1], torch_cuda)
+    assert (torch_cuda != (1.0 / b).astype(np.float32)).sum() == 446  # the rule matters at these steps
 
 
 def test_cpu_tensors_are_refused_with_the_reason():
@@ -158,6 +231,32 @@ def test_tensors_the_kernels_do_not_take_follow_the_reference():
     check_fallback(cuda_backend, "cuda")
 
 
+class _SyncDebugError:
+    """A window in which torch raises at any host synchronisation."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+class _NoHostWaits(_SyncDebugError):
+    """The same, and the module's own waits (staging buffers allocated or freed,
+    events waited on: kernels.cu's Staging::acquire) stay put."""
+
+    def __enter__(self):
+        self.waits = KERNELS.host_waits()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if exc[0] is None:
+            assert KERNELS.host_waits() == self.waits, "the CUDA module waited for the GPU"
+
+
 @gpu
 def test_no_host_synchronisation():
     generator = torch.Generator().manual_seed(5)
@@ -166,15 +265,60 @@ def test_no_host_synchronisation():
     grads = [torch.randn(s, generator=generator).cuda() for s in shapes]
     avgs, sqs, scores = ([torch.zeros_like(p) for p in params] for _ in range(3))
     found_inf, inv_scale = torch.zeros((), device="cuda"), torch.ones((), device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def calls():
         for _ in range(3):
             cuda_backend.update(params, grads, avgs, sqs, [1, 1], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                                 weight_decay=0.0, scores=scores, reset_scores=[False, False],
                                 inv_scale=inv_scale, found_inf=found_inf)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+        masks = cuda_backend.select_masks(scores, 0.3)
+        cuda_backend.masked_norms(grads, masks)
+        cuda_backend.update(params, grads, avgs, sqs, [2, 2], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                            weight_decay=0.0, masks=masks)
+
+    calls()  # warm-up: the staging buffers of as many calls in flight
+    with _NoHostWaits():
+        calls()
+
+
+@gpu
+def test_work_is_queued_on_the_current_stream():
+    """On a side stream, the module's kernels run behind what that stream already
+    holds (a long sleep here), while the default stream does not wait for them."""
+    generator = torch.Generator().manual_seed(8)
+    shapes = [(4097,), (7,), (70000,)]
+    start = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    side = torch.cuda.Stream()
+
+    def run(sleep):
+        params = [p.cuda() for p in start]
+        avgs, sqs = ([torch.zeros_like(p) for p in params] for _ in range(2))
+        on_gpu = [g.cuda() for g in grads]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if sleep:
+                torch.cuda._sleep(10**9)  # about half a second at 2 GHz
+            cuda_backend.update(params, on_gpu, avgs, sqs, [1, 1, 1], **hyper)
+            masks = cuda_backend.select_masks(on_gpu, 0.3)
+        return params, masks
+
+    run(sleep=False)  # warm-up: staging buffers
+    torch.cuda.synchronize()
+    params, masks = run(sleep=True)
+    early = [p.cpu() for p in params]  # read on the default stream, while the side stream sleeps
+    assert not side.query(), "the side stream finished early: the sleep was too short to tell"
+    for got, want in zip(early, start):
+        assert torch.equal(got, want), "the update ran before the work queued ahead of it on its stream"
+    side.synchronize()
+    want = [p.clone() for p in start]
+    fresh = [[torch.zeros(s) for s in shapes] for _ in range(2)]
+    reference.update(want, grads, *fresh, [1, 1, 1], **hyper)
+    for got, expected in zip(params, want):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(masks, reference.select_masks(grads, 0.3)):
+        assert torch.equal(got.cpu(), expected)
 
 
 @gpu
@@ -189,27 +333,29 @@ def test_grad_scaler_sync_free_path_equals_host_synced_path(backend, variant, ma
 @gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_grad_scaler_step_does_not_synchronise(backend):
-    """scaler.step(opt) + scaler.update() within a stage: no host sync. The
-    previous step's found_inf is complete when each call starts, as in a loop
-    whose CPU is at most one step ahead."""
+    """scaler.step(opt) + scaler.update() within a stage: no host sync (nor, for
+    the cuda backend, a wait of its own). The previous step's found_inf is
+    complete when each call starts, as in a loop whose CPU is at most one step
+    ahead. The first step runs outside the window: it creates the state, and
+    Triton autotunes there (autotuning synchronises)."""
     if backends.unavailable_reason(backend, "cuda") is not None:
         pytest.skip(backends.unavailable_reason(backend, "cuda"))
     params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (4097, 7, 70000)]
     opt = DPSAdamW(params, stage_steps=100, backend=backend)
     scaler = torch.amp.GradScaler("cuda")
-    for attempt in range(4):
+    for attempt in range(5):
         for param in params:
             param.grad = scaler.scale(torch.randn_like(param))
-        if attempt == 2:
+        if attempt == 3:
             params[0].grad[0] = float("inf")
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        if attempt == 0:  # warm-up
             scaler.step(opt)
             scaler.update()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    assert opt.state_dict()["param_groups"][0]["dps_step"] == 3  # the overflow was skipped
+            continue
+        with _NoHostWaits() if backend == "cuda" else _SyncDebugError():
+            scaler.step(opt)
+            scaler.update()
+    assert opt.state_dict()["param_groups"][0]["dps_step"] == 4  # the overflow was skipped
 
 
 @gpu
@@ -223,10 +369,9 @@ def test_one_launch_per_step():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         opt.step()
         torch.cuda.synchronize()
-    launches = [e for e in prof.events() if "update_kernel" in e.name]
-    if not launches:
-        pytest.skip("the profiler saw no kernels of the module")
-    assert len(launches) == 1, [e.name for e in prof.events()]
+    names = [e.name for e in prof.events()]
+    launches = [name for name in names if "update_kernel" in name]
+    assert len(launches) == 1, f"update kernels seen by the profiler: {launches}; all events: {names}"
 
 
 @gpu
