@@ -1,4 +1,4 @@
-"""pytest-benchmark suite over the cases of `dps-fast bench` (dps_fast/bench_cases.py):
+"""pytest-benchmark suite over the cases of `dps-fast bench` (dps_fast/bench/cases.py):
 optimizer steps, stage-boundary selection and whole training steps for torch
 AdamW, published-style DPS and every dps_fast backend available here.
 
@@ -18,8 +18,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from dps_fast import bench_cases  # noqa: E402
-from dps_fast.bench import DEFAULT_SCALE  # noqa: E402
+from dps_fast.bench import cases as bench_cases  # noqa: E402
+from dps_fast.bench.weights import DEFAULT_SCALE, Workload  # noqa: E402
 
 DEVICES = [d for d in os.environ.get(
     "DPS_BENCH_DEVICES", "cpu" + (",cuda" if torch.cuda.is_available() else "")).split(",") if d]
@@ -36,7 +36,7 @@ def workloads():
         if device not in built:
             scale = os.environ.get("DPS_BENCH_SCALE")
             scale = float(scale) if scale else DEFAULT_SCALE.get(torch.device(device).type, 1.0)
-            built[device] = bench_cases.Workload(device, scale)
+            built[device] = Workload(device, scale)
         return built[device]
 
     yield get

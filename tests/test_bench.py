@@ -1,14 +1,25 @@
-"""Smoke test: `dps-fast bench` runs end to end on a tiny weight set (no timing checks)."""
+"""`dps-fast bench`: runs end to end on a tiny weight set, survives a failing
+row, keeps its JSON when stopped, renders one bytes model, and refuses bad
+options as usage errors before running anything (no timing checks)."""
 import json
 
 import pytest
 import torch
 
-from dps_fast import backends, bench_cases
+from dps_fast import backends
+from dps_fast.bench import bytes_model, cases, cli, runner, weights
 from dps_fast.cli import main
 
 TINY = ["--scale", "0.0003", "--train", "1,32,2,64,2,8", "--min-reps", "1", "--max-reps", "1",
         "--warmup", "1", "--seconds", "0", "--threads", "1", "--no-progress", "--device", "cpu"]
+TIMING = dict(min_reps=1, max_reps=1, seconds=0, warmup=0)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +34,34 @@ def bench_json(tmp_path_factory):
 
 
 def test_weight_shape_is_bert_large_at_scale_one():
-    assert bench_cases.weight_shape(1.0) == (24, 1024)
-    assert bench_cases.BERT_LARGE_PARAMS == 24 * (12 * 1024**2 + 13 * 1024)
-    layers, dim = bench_cases.weight_shape(bench_cases.scale_for_params(1_000_000))
-    assert layers == 1 and abs(bench_cases.layer_params(dim) - 1_000_000) < 100_000
+    assert weights.weight_shape(1.0) == (24, 1024)
+    assert weights.BERT_LARGE_PARAMS == 24 * (12 * 1024**2 + 13 * 1024)
+    layers, dim = weights.weight_shape(weights.scale_for_params(1_000_000))
+    assert layers == 1 and abs(weights.layer_params(dim) - 1_000_000) < 100_000
 
 
 def test_bench_cli_writes_every_row(bench_json):
-    rows = json.loads(bench_json.read_text())["rows"]
+    result = json.loads(bench_json.read_text())
+    rows = result["rows"]
     assert rows and not [r for r in rows if "error" in r]
+    assert result["meta"]["finished"] is True
     methods = {r["method"] for r in rows}
     assert {"AdamW foreach", "published DPS"} <= methods
     assert {f"dps_fast[{name}]" for name in backends.available("cpu")} <= methods
     assert {r["section"] for r in rows} == {"step", "boundary", "train"}
     assert all(r["median_s"] > 0 and r["params"] > 0 for r in rows)
+
+
+def test_rows_move_the_bytes_of_the_one_model(bench_json):
+    result = json.loads(bench_json.read_text())
+    info = result["devices"]["cpu"]
+    managed, plain = info["managed"], info["params"] - info["managed"]
+    for row in result["rows"]:
+        if row["section"] == "step":
+            assert row["bytes"] == bytes_model.step_bytes(managed, plain, row["phase"])
+        elif row["section"] == "boundary":
+            assert row["bytes"] == bytes_model.select_bytes(managed)
+    assert bytes_model.step_bytes(1, 0, "explore") == 36 and bytes_model.step_bytes(1, 0, "exploit") == 28.125
 
 
 def test_bench_report_and_plot_from_json(bench_json, tmp_path, capsys):
@@ -46,3 +71,113 @@ def test_bench_report_and_plot_from_json(bench_json, tmp_path, capsys):
     assert png.stat().st_size > 0
     out = capsys.readouterr().out
     assert "Ratios" in out and "copy bandwidth" in out
+    assert bytes_model.describe() in out.replace("\n  ", " ")  # the notes render the model
+
+
+class FakeCompilationError(Exception):
+    """Like Triton's CompilationError: an Exception, not a RuntimeError."""
+
+
+def test_a_failing_row_is_kept_with_its_reason_and_the_run_goes_on(monkeypatch, capsys, one_thread):
+    prepare = cases.prepare
+
+    def failing(case, workload):
+        if case.backend == "torch" and case.phase == "explore":
+            raise FakeCompilationError("at 12:3: cannot compile\nmore detail")
+        return prepare(case, workload)
+
+    monkeypatch.setattr(cases, "prepare", failing)
+    torch.set_num_threads(1)
+    seen = []
+    result = runner.run_bench(["cpu"], 0.0003, ["torch"], ("step",), TIMING, progress=False,
+                              on_row=lambda partial: seen.append(len(partial["rows"])))
+    failed = [r for r in result["rows"] if "error" in r]
+    assert [(r["method"], r["phase"]) for r in failed] == [("dps_fast[torch]", "explore")]
+    assert failed[0]["error"] == "FakeCompilationError: at 12:3: cannot compile"
+    assert len(result["rows"]) == len(cases.cases("cpu", ["torch"], ("step",))) > len(failed)
+    assert seen[1:-1] == list(range(1, len(result["rows"]) + 1))  # handed over after every row
+    log = capsys.readouterr().err.splitlines()  # --no-progress: a line per row, the device's first
+    assert len([line for line in log if line.startswith("bench [")]) == len(result["rows"]) + 1
+    assert any("dps_fast[torch] explore: FAILED (FakeCompilationError" in line for line in log)
+
+
+def test_a_stopped_run_leaves_its_json(monkeypatch, tmp_path, capsys, one_thread):
+    prepare = cases.prepare
+
+    def interrupted(case, workload):
+        if case.method == "published DPS":
+            raise KeyboardInterrupt  # e.g. the time limit of gpu_check.sh (SIGINT)
+        return prepare(case, workload)
+
+    monkeypatch.setattr(cases, "prepare", interrupted)
+    path = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", *TINY, "--sections", "step", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["meta"]["finished"] is False
+    adamw = list(cases.adamw_variants("cpu"))  # the rows before the first published-DPS one
+    assert adamw and [r["method"] for r in result["rows"]] == adamw
+    assert not list(tmp_path.glob("*.partial"))
+    monkeypatch.undo()
+    assert main(["bench", "--from-json", str(path)]) == 0
+    assert "an incomplete run" in capsys.readouterr().out
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Paths of a saved result and of a JSON that is not one."""
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(dict(meta=dict(date="", torch=""), devices={}, rows=[])))
+    bad.write_text("{}")
+    return good, bad
+
+
+BAD_OPTIONS = {
+    "unknown backend": (["--backends", "nope"], "--backends"),
+    "no backend": (["--backends", ","], "--backends"),
+    "backend that runs on no device": (["--backends", "cuda", "--device", "cpu"], "--backends"),
+    "no repetition": (["--min-reps", "0", "--max-reps", "0"], "--min-reps"),
+    "max below min": (["--min-reps", "5", "--max-reps", "2"], "--min-reps"),
+    "max reps 0": (["--max-reps", "0"], "--max-reps"),
+    "fractional reps": (["--min-reps", "1.5"], "--min-reps"),
+    "negative seconds": (["--seconds", "-1"], "--seconds"),
+    "nan seconds": (["--seconds", "nan"], "--seconds"),
+    "infinite seconds": (["--seconds", "inf"], "--seconds"),
+    "negative warm-up": (["--warmup", "-1"], "--warmup"),
+    "zero scale": (["--scale", "0"], "--scale"),
+    "negative scale": (["--scale", "-0.5"], "--scale"),
+    "scale not a number": (["--scale", "big"], "--scale"),
+    "scale past the memory": (["--scale", "1e9", "--device", "cpu"], "--scale"),
+    "no thread": (["--threads", "0"], "--threads"),
+    "unknown section": (["--sections", "step,nope"], "--sections"),
+    "no section": (["--sections", ""], "--sections"),
+    "unknown device": (["--device", "tpu"], "--device"),
+    "device without the bench": (["--device", "meta"], "--device"),
+    "device twice": (["--device", "cpu,cpu"], "--device"),
+    "gpu past the count": (["--device", "cuda:99"], "--device"),
+    "train of three": (["--train", "1,2,3"], "--train"),
+    "train with a zero": (["--train", "0,32,2,64,2,8"], "--train"),
+    "heads not dividing the width": (["--train", "1,30,4,64,2,8"], "--train"),
+    "json in a missing folder": (["--json", "{tmp}/missing/bench.json"], "--json"),
+    "json onto a folder": (["--json", "{tmp}"], "--json"),
+    "plot in a missing folder": (["--plot", "{tmp}/missing/bench.png"], "--plot"),
+    "plot of an unknown format": (["--plot", "{tmp}/bench.nope"], "--plot"),
+    "json and plot the same file": (["--json", "{tmp}/out", "--plot", "{tmp}/out"], "--json and --plot"),
+    "from a missing json": (["--from-json", "{tmp}/absent.json"], "--from-json"),
+    "from a json that is no result": (["--from-json", "{bad}"], "--from-json"),
+    "json with from-json": (["--from-json", "{good}", "--json", "{tmp}/x.json"], "--json"),
+}
+
+
+@pytest.mark.parametrize("argv,flag", BAD_OPTIONS.values(), ids=BAD_OPTIONS)
+def test_bad_options_are_usage_errors(argv, flag, tmp_path, saved, capsys, monkeypatch):
+    if "--plot" in argv:
+        pytest.importorskip("matplotlib")
+    monkeypatch.setattr(cli, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    good, bad = saved
+    argv = [a.format(tmp=tmp_path, good=good, bad=bad) for a in argv]
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", *argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: " in err and flag in err, err

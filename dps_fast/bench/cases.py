@@ -1,18 +1,13 @@
 """The cases of the update-throughput benchmark (`dps-fast bench` and the
-pytest-benchmark suite in benchmarks/ share them).
+pytest-benchmark suite in benchmarks/ share them): what each row times, and
+how it is built.
 
-A case names what is timed; prepare(case, workload) builds it and returns a
-Prepared: run() is the timed call, setup() (untimed) puts the optimizer back
-where run() expects it (same stage, same step), so every repetition does the
-same work. Backends are taken from dps_fast.backends.available(device), so a
-new backend appears here without edits.
-
-Weight set: a BERT-large-shaped list of tensors, 24 layers of query, key,
-value, attention-output (1024x1024 + bias), intermediate (4096x1024 + bias),
-output (1024x4096 + bias) and two LayerNorms (302.3M parameters), scaled by
-`scale` (a fraction of that count): whole layers of width 1024 down to one
-layer, then one narrower layer. Linear weights are managed by DPS (as in
-dps_fast.param_groups); biases and LayerNorm are plain AdamW.
+A case names what is timed; prepare(case, workload) builds it on the
+workload's tensors (weights.py) and returns a Prepared: run() is the timed
+call, setup() (untimed) puts the optimizer back where run() expects it (same
+stage, same step), so every repetition does the same work. Backends are taken
+from dps_fast.backends.available(device), so a new backend appears here
+without edits.
 
 How each row is measured (optimizer-only rows use the same weights and
 gradients; gradients stay fixed across repetitions):
@@ -37,107 +32,28 @@ gradients; gradients stay fixed across repetitions):
   TinyEncoder built from the config, random weights and tokens). DPS rows are
   placed inside a stage as above; published DPS runs with its hooks.
 
-Bytes model (fp32, per entry, the minimum each update must move):
-AdamW reads p, g, m, v and writes p, m, v: 28 B. Explore adds reading and
-writing the score: 36 B for managed entries. Exploit adds one packed mask
-bit: 28.125 B (whatever the semantics; "freeze" could in principle skip the
-traffic of masked-out entries). Selection reads each score once and writes a
-mask bit: 4.125 B per managed entry. Plain (unmanaged) entries count 28 B.
-The same model is used for every implementation of a row's work, so GB/s
-compares implementations of the same work and, against the copy bandwidth
-measured in the same run (2 x bytes of a large tensor copy per second), shows
-how close each gets to the memory-bound floor.
+The bytes each row moves: bytes_model.py.
 """
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import backends
-from .tiny import Block, TinyEncoder
-from .groups import param_groups
-from .optimizer import DPSAdamW
-from .published import PublishedDPS
+from .. import backends
+from ..groups import param_groups
+from ..optimizer import DPSAdamW
+from ..published import PublishedDPS
+from ..tiny import TinyEncoder
+from . import bytes_model
+from .weights import parameter_counts
 
-ADAMW_BYTES = 28.0       # read p, g, m, v; write p, m, v (fp32)
-SCORE_BYTES = 8.0        # explore: read and write the score
-MASK_BYTES = 1 / 8       # exploit: one packed mask bit
-SELECT_BYTES = 4 + 1 / 8  # boundary: read the score, write the mask bit
-
+# The sections of the bench, in table order: what their rows time.
+SECTION_TITLES = {"step": "optimizer step", "boundary": "stage boundary (selection)", "train": "whole training step"}
 SPARSITY = 0.3
 # A stage far longer than any run, so that repetitions never leave it.
 STAGE_STEPS = 10**9
-
-BERT_LARGE_LAYERS, BERT_LARGE_DIM = 24, 1024
-
-
-def layer_params(dim):
-    """Parameters of one BERT layer of width `dim` (FFN 4 * dim)."""
-    return 12 * dim * dim + 13 * dim  # 4 dim^2 + 8 dim^2 weights; 9 dim biases; 2 LayerNorms
-
-
-BERT_LARGE_PARAMS = BERT_LARGE_LAYERS * layer_params(BERT_LARGE_DIM)
-
-
-def weight_shape(scale):
-    """(layers, width) of the weight set holding about scale x BERT-large's encoder."""
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0; got {scale!r}")
-    target = scale * BERT_LARGE_PARAMS
-    if target >= layer_params(BERT_LARGE_DIM):
-        return round(target / layer_params(BERT_LARGE_DIM)), BERT_LARGE_DIM
-    dim = max(32, round(math.sqrt(target / 12) / 32) * 32)
-    return 1, dim
-
-
-def scale_for_params(count):
-    """The scale whose weight set holds about `count` parameters."""
-    return count / BERT_LARGE_PARAMS
-
-
-def weight_set(scale, device, seed=0):
-    """The weight set (an nn.ModuleList of BERT layers) with fixed random
-    weights and gradients on `device`."""
-    layers, dim = weight_shape(scale)
-    with torch.device("meta"):
-        model = nn.ModuleList(Block(dim, 1) for _ in range(layers))
-    model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.uniform_(-0.05, 0.05, generator=generator)
-            param.grad = torch.empty_like(param).normal_(0, 1e-3, generator=generator)
-    return model
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A BERT-shaped encoder for the whole-training-step rows."""
-    layers: int
-    dim: int
-    heads: int
-    vocab: int
-    batch: int
-    seq: int
-
-    def describe(self):
-        return (f"{self.layers} layers, width {self.dim}, {self.heads} heads, vocab {self.vocab}, "
-                f"batch {self.batch} x seq {self.seq}")
-
-
-# CPU: small enough for a 2-core machine (vocab cut so that embeddings are
-# ~8% of the parameters, as in BERT-large); CUDA: BERT-large, batch 16 x 128
-# as in the paper's recipe (fp32).
-TRAIN_CPU = TrainConfig(layers=4, dim=256, heads=4, vocab=1024, batch=8, seq=64)
-TRAIN_CUDA = TrainConfig(layers=24, dim=1024, heads=16, vocab=30522, batch=16, seq=128)
-
-
-def default_train_config(device):
-    return TRAIN_CUDA if torch.device(device).type == "cuda" else TRAIN_CPU
 
 
 @dataclass(frozen=True)
@@ -187,7 +103,7 @@ def adamw_variants(device):
     return dict(_adamw_variants(str(torch.device(device))))
 
 
-def cases(device, backend_names=None, sections=("step", "boundary", "train"), adamw=None):
+def cases(device, backend_names=None, sections=tuple(SECTION_TITLES), adamw=None):
     """Every case for `device`, in table order. backend_names: the dps_fast
     backends to include (default: all available on `device`)."""
     device = str(torch.device(device))
@@ -214,25 +130,6 @@ def cases(device, backend_names=None, sections=("step", "boundary", "train"), ad
     return out
 
 
-class Workload:
-    """The tensors and models the cases of one device share, built on first use."""
-
-    def __init__(self, device, scale, train_config=None, seed=0):
-        self.device = torch.device(device)
-        self.scale = scale
-        self.train_config = train_config or default_train_config(self.device)
-        self.seed = seed
-        self._weights = None
-
-    def weights(self):
-        if self._weights is None:
-            self._weights = weight_set(self.scale, self.device, self.seed)
-        return self._weights
-
-    def release(self):
-        self._weights = None
-
-
 def _state_bytes(*state_dicts):
     """Bytes of the tensors held in optimizer state dicts ({param: {name: value}})."""
     seen, total = set(), 0
@@ -248,24 +145,6 @@ def _state_bytes(*state_dicts):
 def _groups(model, dps_keys=True):
     groups = param_groups(model)
     return groups if dps_keys else [{k: v for k, v in g.items() if k != "dps"} for g in groups]
-
-
-def parameter_counts(model):
-    """(managed, plain) parameter counts as dps_fast.param_groups splits them."""
-    managed = plain = 0
-    for group in param_groups(model):
-        count = sum(p.numel() for p in group["params"])
-        if group.get("dps", True):
-            managed += count
-        else:
-            plain += count
-    return managed, plain
-
-
-def step_bytes(managed, plain, phase):
-    """The bytes model of one optimizer step (see the module docstring)."""
-    extra = {"dense": 0.0, "explore": SCORE_BYTES, "exploit": MASK_BYTES, "exploit freeze": MASK_BYTES}[phase]
-    return managed * (ADAMW_BYTES + extra) + plain * ADAMW_BYTES
 
 
 def _set_dps_step(optimizer, step):
@@ -288,7 +167,7 @@ def prepare(case, workload):
             select = backends.resolve(case.backend, workload.device).select_masks
             prepared = Prepared(run=lambda: select(scores, SPARSITY))
         prepared.entries, prepared.params = managed, params
-        prepared.bytes_moved = managed * SELECT_BYTES
+        prepared.bytes_moved = bytes_model.select_bytes(managed)
         return prepared
     if case.method.startswith("AdamW"):
         optimizer = torch.optim.AdamW(_groups(model, False), **adamw_variants(workload.device)[case.method])
@@ -306,7 +185,7 @@ def prepare(case, workload):
         prepared = Prepared(run=optimizer.step, setup=lambda: _set_dps_step(optimizer, start),
                             state_bytes=_state_bytes(optimizer.state))
     prepared.entries, prepared.params = params, params
-    prepared.bytes_moved = step_bytes(managed, plain, case.phase)
+    prepared.bytes_moved = bytes_model.step_bytes(managed, plain, case.phase)
     return prepared
 
 
