@@ -11,7 +11,7 @@ indexing).
 
 Where torch sees no GPU, the GPU tests skip with the reason the backend gives;
 where torch sees one but the backend cannot run (the module failed to build
-or import, a driver too old), they fail with that reason."""
+or import, a driver too old), they fail (an error at setup) with that reason."""
 import importlib
 import os
 import pathlib
@@ -98,8 +98,9 @@ def test_without_a_driver_it_raises_a_clear_error():
 
 
 def test_gpu_tests_give_the_reason_when_the_module_does_not_import(tmp_path):
-    """With the module made unimportable, a GPU test skips (no GPU) or fails (torch
-    sees one) with the import error as its reason, not a generic 'needs a GPU'."""
+    """With the module made unimportable, a GPU test skips (no GPU) or fails at
+    setup (torch sees one) with the import error as its reason, not a generic
+    'needs a GPU'."""
     (tmp_path / "hide_cuda_module.py").write_text(f"import sys\nsys.modules[{MODULE!r}] = None\n")
     root = pathlib.Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
@@ -108,7 +109,7 @@ def test_gpu_tests_give_the_reason_when_the_module_does_not_import(tmp_path):
                             cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert f"import of {MODULE} halted" in result.stdout, result.stdout[-3000:]  # the ImportError, passed on
     assert "needs a GPU" not in result.stdout
-    assert ("1 failed" if TORCH_SEES_A_GPU else "1 skipped") in result.stdout, result.stdout[-3000:]
+    assert ("1 error" if TORCH_SEES_A_GPU else "1 skipped") in result.stdout, result.stdout[-3000:]
 
 
 # dps_math.h's make_step, compiled by the host compiler: its bias corrections for steps 1..2000.
