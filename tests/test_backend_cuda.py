@@ -258,6 +258,17 @@ class _NoHostWaits(_SyncDebugError):
             assert KERNELS.host_waits() == self.waits, "the CUDA module waited for the GPU"
 
 
+def _warm_up(calls):
+    """Run calls() once behind a GPU sleep: every staging slot it takes is then
+    still busy when the next call comes, so the module sets up as many slots
+    as the calls could ever need in flight, and the same calls later (after a
+    synchronisation) have no reason to allocate."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 * 10**8)  # about 0.1 s at 2 GHz
+    calls()
+    torch.cuda.synchronize()
+
+
 @gpu
 def test_no_host_synchronisation():
     generator = torch.Generator().manual_seed(5)
@@ -277,7 +288,7 @@ def test_no_host_synchronisation():
         cuda_backend.update(params, grads, avgs, sqs, [2, 2], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                             weight_decay=0.0, masks=masks)
 
-    calls()  # warm-up: the staging buffers of as many calls in flight
+    _warm_up(calls)
     with _NoHostWaits():
         calls()
 
@@ -344,18 +355,21 @@ def test_grad_scaler_step_does_not_synchronise(backend):
     params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (4097, 7, 70000)]
     opt = DPSAdamW(params, stage_steps=100, backend=backend)
     scaler = torch.amp.GradScaler("cuda")
+
+    def step():
+        scaler.step(opt)
+        scaler.update()
+
     for attempt in range(5):
         for param in params:
             param.grad = scaler.scale(torch.randn_like(param))
         if attempt == 3:
             params[0].grad[0] = float("inf")
-        if attempt == 0:  # warm-up
-            scaler.step(opt)
-            scaler.update()
+        if attempt == 0:
+            _warm_up(step)
             continue
         with _NoHostWaits() if backend == "cuda" else _SyncDebugError():
-            scaler.step(opt)
-            scaler.update()
+            step()
     assert opt.state_dict()["param_groups"][0]["dps_step"] == 4  # the overflow was skipped
 
 
