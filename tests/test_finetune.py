@@ -1,4 +1,6 @@
-"""`dps-fast finetune`: the bundled data, the baselines on DPSAdamW's machinery, the runner."""
+"""`dps-fast finetune`: the bundled data, the baselines on DPSAdamW's machinery, one run.
+
+The command line is tested in test_finetune_cli.py, the tables and the plot in test_finetune_report.py."""
 import json
 import math
 
@@ -40,6 +42,27 @@ def test_mr_and_trec_splits_are_fixed_and_disjoint():
     assert load_split("trec", train_size=100).train_labels == small.train_labels
     with pytest.raises(ValueError, match="task"):
         load_split("sst2")
+
+
+def test_out_of_domain_sets_are_fixed_sentiment_sets():
+    _bundled_or_skip()
+    from dps_fast.data import OOD, load_ood, load_split, pool_size
+
+    mr = load_split("mr")
+    assert pool_size("mr") == len(mr.train_texts) and pool_size("trec") == 5381 - 500
+    sizes = {}
+    for name in OOD:
+        texts, labels = load_ood(name)
+        sizes[name] = len(texts)
+        assert set(labels) == {0, 1} and len(set(texts)) > 0.95 * len(texts)
+        assert not set(texts) & set(mr.train_texts + mr.dev_texts)
+        assert all("\r" not in t for t in texts)
+        assert load_ood(name, 50) == (texts[:50], labels[:50])
+    assert sizes == {"amazon": 3610, "tweets": 4196}  # non-zero ratings
+    with pytest.raises(ValueError, match="size"):
+        load_ood("amazon", 10 ** 6)
+    with pytest.raises(ValueError, match="out-of-domain"):
+        load_ood("yelp")
 
 
 # ----- baselines on a tiny random BERT ----------------------------------------------
@@ -219,41 +242,26 @@ def test_train_run_every_method(trec_tiny, method):
             result | dict(seconds=0, seconds_eval=0)
 
 
-def test_cli_runs_tabulates_and_reloads(tmp_path, capsys):
-    _bundled_or_skip()
-    from dps_fast.cli import main
+def test_train_run_records_a_dev_curve_and_out_of_domain_accuracy(trec_tiny):
+    from dps_fast.finetune import Recipe, evaluate, train_run
 
-    path = tmp_path / "runs.json"
-    assert main(["finetune", "--task", "trec", "--method", "adamw", "--method", "dps", "--seeds", "2",
-                 "--train-size", "16", "--dev-size", "32", "--steps", "2", "--stage-ratio", "0.5",
-                 "--max-length", "16", "--no-progress", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "| trec | 16 | adamw | 2 |" in out and "| trec | 16 | dps | 2 |" in out
-    saved = json.loads(path.read_text())
-    assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("adamw", 0), ("dps", 0), ("adamw", 1), ("dps", 1)]
-    assert saved["recipe"]["lr"] == 5e-5 and saved["command"].startswith(
-        "dps-fast finetune --task trec --method adamw,dps --seeds 2 --first-seed 0 --train-size 16 --steps 2 "
-        "--lr 5e-05")
-    assert main(["finetune", "--load", str(path)]) == 0
-    assert "| trec | 16 | dps | 2 |" in capsys.readouterr().out
+    base, train, dev = trec_tiny
+    recipe = Recipe(steps=6, stage_ratio=0.5)
+    plain = train_run(base, train, dev, "dps", seed=1, recipe=recipe)
+    assert "curve" not in plain and "ood" not in plain
+    assert plain["majority"] == max(dev.labels.count(c) for c in set(dev.labels)) / len(dev)
+    assert plain["lr"] == recipe.lr and plain["epochs"] is None
+    result = train_run(base, train, dev, "dps", seed=1, recipe=recipe, eval_every=4, ood={"again": dev})
+    assert [step for step, _ in result["curve"]] == [4, 6] and result["curve"][-1][1] == result["dev_accuracy"]
+    assert result["dev_accuracy"] == plain["dev_accuracy"]  # evaluating in between changes nothing
+    assert result["ood"] == {"again": dict(accuracy=result["dev_accuracy"], majority=result["majority"])}
+    assert 0 <= evaluate(base, dev, "cpu") <= 1
 
 
-def test_summary_statistics():
-    from dps_fast.finetune import format_table, summarize
+def test_batch_order_is_lazy_and_reshuffles_every_epoch():
+    from dps_fast.finetune.recipe import _batch_order
 
-    runs = [dict(task="mr", train_size=500, method=m, seed=s, dev_accuracy=a, seconds=1.0)
-            for m, accs in (("adamw", (0.80, 0.84)), ("dps", (0.83, 0.83))) for s, a in enumerate(accs)]
-    rows = summarize(runs)
-    assert [(r["method"], round(r["mean"], 6), round(r["std"], 6)) for r in rows] == [
-        ("adamw", 82.0, round(math.sqrt(8), 6)), ("dps", 83.0, 0.0)]
-    assert "| mr | 500 | dps | 2 | 83.00 ± 0.00 | +1.00 |" in format_table(rows)
-
-
-def test_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    from dps_fast.finetune import plot
-
-    runs = [dict(task="trec", train_size=n, method=m, seed=s, dev_accuracy=0.5 + 0.01 * s, seconds=1.0)
-            for n in (500, 1000) for m in ("adamw", "dps") for s in range(3)]
-    plot(runs, tmp_path / "acc.png")
-    assert (tmp_path / "acc.png").stat().st_size > 1000
+    batches = list(_batch_order(10, 4, 7, seed=0))
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2, 4]
+    assert sorted(sum(batches[:3], [])) == list(range(10)) and batches[:3] != batches[3:6]
+    assert next(iter(_batch_order(10, 4, 10 ** 15, seed=0))) == batches[0]  # no list of 10**15 batches
