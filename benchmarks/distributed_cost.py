@@ -106,14 +106,14 @@ def worker(rank, port, args, out):
 
     def per_shard():
         ks = [selection.kept_count(s.numel(), SPARSITY) for s in shards]
-        for shard, threshold in zip(shards, distributed.kth_largest(shards, ks)):
-            selection.pack_mask(shard >= threshold)
+        for shard, key in zip(shards, distributed.kth_largest_keys(shards, ks)):
+            selection.pack_mask(selection.order_keys(shard) >= key)
 
     def gathered():
         for score, shard in zip(scores, shards):
             whole = score.full_tensor()  # all_gather of the scores
-            threshold = selection.threshold(whole, SPARSITY)
-            selection.pack_mask(shard >= threshold)
+            key = selection.threshold_key(whole, SPARSITY)
+            selection.pack_mask(selection.order_keys(shard) >= key)
 
     result = dict(
         tensors=len(shapes), entries=sum(s.numel() for s in scores), local_entries=sum(s.numel() for s in shards),

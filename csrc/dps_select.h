@@ -6,7 +6,7 @@
 // most significant first: a histogram of the digit over the entries whose
 // higher digits equal the prefix found so far, then the digit whose bin holds
 // the k-th largest. Three passes (11 + 11 + 10 bits) find it exactly; the mask
-// is then score >= threshold, a float comparison as in dps_fast.selection.
+// is then key >= the threshold's key, as in dps_fast.selection.
 #pragma once
 #include <stdint.h>
 
@@ -20,13 +20,13 @@ constexpr int kRadixBins = 2048;  // bins of the widest digit (11 bits)
 DPS_HD int radix_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
 DPS_HD uint32_t radix_digit_mask(int pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
 
-DPS_HD uint32_t score_key(float x) {  // negative: flip all bits; else set the top bit (branch-free)
+// The order key of dps_fast/selection.py (order_keys): a NaN ranks as -inf
+// and -0.0 as +0.0; negative floats flip all bits, the others set the top bit.
+DPS_HD uint32_t score_key(float x) {  // branch-free: selects, so the loops vectorise
   uint32_t u = float_to_bits(x);
+  u = (x == 0.0f) ? 0u : u;
+  u = (x != x) ? 0xff800000u : u;  // -inf
   return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
-}
-
-DPS_HD float key_to_score(uint32_t key) {
-  return bits_to_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
 // The search state of one tensor between passes.
@@ -70,7 +70,8 @@ DPS_HD void radix_scan(RadixState& s, int pass, const Count* hist) {
   }
 }
 
-// After the last pass the prefix is the whole key of the k-th largest score.
-DPS_HD float radix_threshold(const RadixState& s) { return key_to_score(s.prefix); }
+// After the last pass the prefix is the whole key of the k-th largest score;
+// the mask keeps score_key(score) >= it (ties kept).
+DPS_HD uint32_t radix_threshold_key(const RadixState& s) { return s.prefix; }
 
 }  // namespace dps

@@ -67,8 +67,11 @@ class ChildTuningAdamW(DPSAdamW):
         return EXPLOIT
 
     def _ensure_masks(self, group, params, stage):
-        if self.mode == "D":
-            return  # fixed masks, set by set_masks
+        if self.mode == "D":  # fixed masks, set by set_masks: current at every step
+            for param in params:
+                if "mask" in self.state[param]:
+                    self.state[param]["mask_stage"] = stage
+            return
         for param in params:  # stage == step: one fresh draw per step, shared by clip_grad_norm_ and step
             state = self.state[param]
             if state.get("mask_stage") != stage:
@@ -129,8 +132,8 @@ def fisher_masks(params, loss_batches, reserve=0.3, max_grad_norm=1.0):
     if count == 0:
         raise ValueError("fisher_masks needs at least one batch")
     flat = torch.cat([f.reshape(-1) for f in fisher])  # the /count of the mean does not change the ranking
-    threshold = selection.threshold(flat, 1 - reserve)
-    return {p: f >= threshold for p, f in zip(params, fisher)}
+    key = selection.threshold_key(flat, 1 - reserve)
+    return {p: selection.order_keys(f) >= key for p, f in zip(params, fisher)}
 
 
 def childtuning_groups(model, weight_decay=0.01):

@@ -9,12 +9,11 @@ optimizer state. The update is element-wise, so each rank updates its local
 shard (the backends get the local tensors). The one thing that needs the
 whole tensor is the selection: the threshold of a tensor is the k-th largest
 score over all its shards. It is computed exactly, without gathering the
-scores, by a radix selection over the fp32 bit patterns (non-negative floats
-order like their bits read as integers): ROUNDS rounds of RADIX_BITS bits,
-each all-reducing one histogram of BINS counts per tensor, all the tensors
-of a param group in the same all-reduce. Each rank then keeps
-mask = score >= t on its shard (ties kept), as dps_fast.selection does on a
-whole tensor. So every rank must step the same parameters (a gradient on
+scores, by a radix selection over the scores' order keys (the 32-bit keys
+of dps_fast.selection): ROUNDS rounds of RADIX_BITS bits, each all-reducing
+one histogram of BINS counts per tensor, all the tensors of a param group in
+the same all-reduce. Each rank then keeps key >= the k-th largest key on its
+shard (ties kept), as dps_fast.selection does on a whole tensor. So every rank must step the same parameters (a gradient on
 each, or on none), as FSDP2 does anyway.
 
 The packed mask of a sharded parameter covers its local shard only. It is a
@@ -32,7 +31,7 @@ from . import selection
 
 RADIX_BITS = 8
 BINS = 1 << RADIX_BITS
-ROUNDS = 32 // RADIX_BITS
+ROUNDS = selection.KEY_BITS // RADIX_BITS
 MASK_KEYS = ("mask", "mask_stage")
 
 
@@ -72,27 +71,22 @@ def shard_groups(dtensor):
     return tuple(groups)
 
 
-def kth_largest(scores, ks, groups=()):
-    """The ks[i]-th largest entry of tensor i, whose entries are split over the
-    ranks of `groups` (`scores` holds this rank's part of each; 1 <= ks[i] <= the
-    tensor's size over all ranks). Exact: equal, bit for bit, to
-    dps_fast.selection.threshold of the whole tensor.
+def kth_largest_keys(scores, ks, groups=()):
+    """The order key (dps_fast.selection.order_keys) of the ks[i]-th largest entry
+    of tensor i, whose entries are split over the ranks of `groups` (`scores`
+    holds this rank's part of each; 1 <= ks[i] <= the tensor's size over all
+    ranks). Exact: equal to dps_fast.selection.threshold_key of the whole tensor.
 
-    scores: fp32 tensors of values >= 0 (-0.0 counts as 0.0), on one device.
-    Returns a 1-D fp32 tensor of the thresholds. Every rank of `groups` must call
-    this with the same number of tensors and the same ks: ROUNDS all-reduces of
-    len(scores) * BINS int64 counts per group.
+    scores: float tensors on one device. Returns a 1-D int64 tensor of keys.
+    Every rank of `groups` must call this with the same number of tensors and
+    the same ks: ROUNDS all-reduces of len(scores) * BINS int64 counts per group.
     """
     device = scores[0].device
-    for score in scores:
-        if score.dtype != torch.float32:
-            raise TypeError(f"scores must be float32; got {score.dtype}")
-    # bit patterns of non-negative floats order like the floats; clamp maps -0.0 to +0.0
-    candidates = [score.detach().reshape(-1).view(torch.int32).clamp(min=0) for score in scores]
+    candidates = [selection.order_keys(score.detach()).reshape(-1) for score in scores]
     remaining = torch.tensor(ks, dtype=torch.int64, device=device)  # rank among the candidates
     prefix = torch.zeros(len(scores), dtype=torch.int64, device=device)
     zeros = torch.zeros(len(scores), 1, dtype=torch.int64, device=device)
-    for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+    for shift in range(selection.KEY_BITS - RADIX_BITS, -1, -RADIX_BITS):
         digits = [(candidate >> shift) & (BINS - 1) for candidate in candidates]
         histogram = torch.stack([torch.bincount(d, minlength=BINS) for d in digits])
         for group in groups:
@@ -104,7 +98,7 @@ def kth_largest(scores, ks, groups=()):
         prefix |= digit << shift
         if shift:
             candidates = [c[d == value] for c, d, value in zip(candidates, digits, digit.tolist())]
-    return prefix.to(torch.int32).view(torch.float32)
+    return prefix
 
 
 def select_masks(scores, sparsity):
@@ -122,8 +116,8 @@ def select_masks(scores, sparsity):
     for groups, indices in batches.items():
         shards = [local(scores[i]) for i in indices]
         ks = [selection.kept_count(scores[i].numel(), sparsity) for i in indices]
-        for index, shard, threshold in zip(indices, shards, kth_largest(shards, ks, groups)):
-            masks[index] = selection.pack_mask(shard >= threshold)
+        for index, shard, key in zip(indices, shards, kth_largest_keys(shards, ks, groups)):
+            masks[index] = selection.pack_mask(selection.order_keys(shard) >= key)
     return masks
 
 

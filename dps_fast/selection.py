@@ -1,14 +1,27 @@
 """Per-tensor subnetwork selection: keep the k highest scores, ties kept.
 
-This is the readable definition every backend's selection must reproduce
+This is the readable definition every backend's selection reproduces
 exactly: k = ceil(N * (1 - sparsity)), t = the k-th largest score of the
 tensor, mask = score >= t (so the mask holds more than k entries when
 scores tie at t).
+
+Scores are compared through their order key (`order_keys`), a 32-bit
+unsigned integer per fp32 score that orders like the float. It is the one
+vocabulary of every selection (the C++ `score_key` in csrc/dps_select.h, the
+Triton `_order_key`, the distributed radix select):
+  - a NaN score ranks as -inf: it is kept only when fewer than k entries
+    rank above -inf (and then with every entry tied at the threshold), so a
+    mask never holds fewer than k entries;
+  - -0.0 ranks as +0.0 (they compare equal).
 """
 import math
 from fractions import Fraction
 
 import torch
+
+KEY_BITS = 32  # order keys are uint32 values (held in int64 tensors here)
+_SIGN = 1 << 31
+_ALL = (1 << 32) - 1
 
 
 def kept_count(numel: int, sparsity: float) -> int:
@@ -18,20 +31,40 @@ def kept_count(numel: int, sparsity: float) -> int:
     return numel - frozen
 
 
+def order_keys(score: torch.Tensor) -> torch.Tensor:
+    """int64 tensor of the order keys (in [0, 2^32)) of fp32 `score`, same shape."""
+    score = score.to(torch.float32)
+    score = torch.where(score.isnan(), -math.inf, score)
+    score = torch.where(score == 0, 0.0, score)  # -0.0 -> +0.0
+    bits = score.view(torch.int32).to(torch.int64) & _ALL
+    # negative floats order backwards: flip all their bits; non-negative ones go above them
+    return torch.where(bits >= _SIGN, bits ^ _ALL, bits | _SIGN)
+
+
+def key_to_score(key: int) -> float:
+    """The fp32 value (as a Python float) whose order key is `key`."""
+    bits = key & ~_SIGN if key & _SIGN else key ^ _ALL
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+
+def threshold_key(score: torch.Tensor, sparsity: float) -> int:
+    """The order key of the k-th largest entry of non-empty `score`."""
+    keys = order_keys(score).reshape(-1)
+    k = kept_count(keys.numel(), sparsity)
+    # kthvalue is a selection (no full sort); the k-th largest is the (N - k + 1)-th smallest
+    return int(torch.kthvalue(keys, keys.numel() - k + 1).values)
+
+
 def threshold(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The k-th largest entry of `score` (a 0-dim tensor); `score` is non-empty."""
-    flat = score.reshape(-1)
-    k = kept_count(flat.numel(), sparsity)
-    # kthvalue is a selection (no full sort); the k-th largest is the
-    # (N - k + 1)-th smallest.
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
+    """The k-th largest entry of non-empty `score` (a 0-dim fp32 tensor; -inf for a NaN)."""
+    return torch.tensor(key_to_score(threshold_key(score, sparsity)), dtype=torch.float32)
 
 
 def select_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask of the entries kept for an exploitation stage."""
     if score.numel() == 0:
         return torch.ones_like(score, dtype=torch.bool)
-    return score >= threshold(score, sparsity)
+    return order_keys(score) >= threshold_key(score, sparsity)
 
 
 def mix_normalised_score(score: torch.Tensor, count: torch.Tensor, stage_steps: int) -> torch.Tensor:
@@ -44,15 +77,20 @@ def mix_normalised_score(score: torch.Tensor, count: torch.Tensor, stage_steps: 
 
 
 # Masks are stored packed, 1 bit per entry, in every backend: entry i of the
-# flattened tensor is bit (i % 8) of byte i // 8. One format means optimizer
-# checkpoints move freely between backends.
+# flattened tensor is bit (i % 8) of byte i // 8; bits past the last entry
+# are 0. One format means optimizer checkpoints move freely between backends.
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
 
 
+def packed_size(numel: int) -> int:
+    """Bytes of the packed mask of a tensor of `numel` entries."""
+    return (numel + 7) // 8
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor -> uint8 tensor of ceil(numel / 8) bytes."""
+    """bool tensor -> 1-D uint8 tensor of packed_size(numel) bytes."""
     flat = mask.reshape(-1)
-    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded = torch.zeros(packed_size(flat.numel()) * 8, dtype=torch.uint8, device=mask.device)
     padded[: flat.numel()] = flat
     return (padded.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(dim=1, dtype=torch.uint8)
 

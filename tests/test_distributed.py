@@ -70,7 +70,7 @@ def batch(step, rank=None):
 
 # ----- without processes -----------------------------------------------------------------
 
-def test_kth_largest_equals_selection_threshold_bit_for_bit():
+def test_kth_largest_keys_equal_selection_threshold_keys():
     generator = torch.Generator().manual_seed(0)
     scores = []
     for n in (1, 2, 7, 8, 100, 4097):
@@ -79,11 +79,12 @@ def test_kth_largest_equals_selection_threshold_bit_for_bit():
                    torch.randn(n, generator=generator) ** 2 * 10.0 ** torch.randint(-40, 30, (n,), generator=generator)]
     for sparsity in (0.0, 0.3, 0.5, 0.99):
         ks = [selection.kept_count(s.numel(), sparsity) for s in scores]
-        for score, threshold in zip(scores, distributed.kth_largest(scores, ks)):
-            want = selection.threshold(score, sparsity)
-            assert threshold.view(torch.int32) == want.view(torch.int32), (score, sparsity)
+        for score, key in zip(scores, distributed.kth_largest_keys(scores, ks)):
+            assert key == selection.threshold_key(score, sparsity), (score, sparsity)
     negative_zero = torch.tensor([-0.0, 0.0, 1.0, -0.0])  # -0.0 counts as 0.0
-    assert distributed.kth_largest([negative_zero], [3]).item() == 0.0
+    assert selection.key_to_score(int(distributed.kth_largest_keys([negative_zero], [3]))) == 0.0
+    with_nan = torch.tensor([float("nan"), 1.0, 2.0])  # NaN ranks as -inf
+    assert selection.key_to_score(int(distributed.kth_largest_keys([with_nan], [3]))) == -float("inf")
 
 
 def test_params_swapped_in_place_are_found():
@@ -304,7 +305,7 @@ def fsdp_worker(rank, out):
     results["thresholds"] = {"wholes": wholes}
     for sparsity in (0.0, 0.3, 0.5, 0.9):
         ks = [selection.kept_count(w.numel(), sparsity) for w in wholes]
-        thresholds = [distributed.kth_largest([s.to_local()], [k], distributed.shard_groups(s))[0]
+        thresholds = [int(distributed.kth_largest_keys([s.to_local()], [k], distributed.shard_groups(s))[0])
                       for s, k in zip(scores, ks)]
         masks = distributed.select_masks(scores, sparsity)
         gathered = [full(distributed.unpacked_mask(s, m)) for s, m in zip(scores, masks)]
@@ -381,8 +382,7 @@ def test_sharded_threshold_equals_whole_tensor_threshold(fsdp):
     for sparsity in (0.0, 0.3, 0.5, 0.9):
         thresholds, masks = results[sparsity]
         for whole, threshold, mask in zip(results["wholes"], thresholds, masks):
-            want = selection.threshold(whole, sparsity)
-            assert threshold.view(torch.int32) == want.view(torch.int32), (whole.shape, sparsity)
+            assert threshold == selection.threshold_key(whole, sparsity), (whole.shape, sparsity)
             assert torch.equal(mask, selection.select_mask(whole, sparsity)), (whole.shape, sparsity)
             ties_kept += int(mask.sum()) > selection.kept_count(whole.numel(), sparsity)
     assert ties_kept >= 4  # the integer scores tie at the threshold, and all ties are kept

@@ -128,16 +128,16 @@ int64_t collect(const float* __restrict score, int64_t begin, int64_t end, uint3
   return found;
 }
 
-void mask(const float* __restrict score, uint8_t* __restrict mask, int64_t begin, int64_t end, float threshold) {
+void mask(const float* __restrict score, uint8_t* __restrict mask, int64_t begin, int64_t end, uint32_t threshold) {
   int64_t i = begin;
   for (; i + 32 <= end; i += 32) {
     uint32_t word = 0;
-    for (int j = 0; j < 32; ++j) word |= (uint32_t)(score[i + j] >= threshold) << j;
+    for (int j = 0; j < 32; ++j) word |= (uint32_t)(score_key(score[i + j]) >= threshold) << j;
     memcpy(mask + (i >> 3), &word, 4);
   }
   for (; i < end; i += 8) {  // the last partial word, byte by byte; bits past `end` stay 0
     uint32_t byte = 0;
-    for (int j = 0; j < 8 && i + j < end; ++j) byte |= (uint32_t)(score[i + j] >= threshold) << j;
+    for (int j = 0; j < 8 && i + j < end; ++j) byte |= (uint32_t)(score_key(score[i + j]) >= threshold) << j;
     mask[i >> 3] = (uint8_t)byte;
   }
 }

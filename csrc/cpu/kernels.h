@@ -22,8 +22,8 @@ struct Kernels {
   // [low, high] to out; returns how many, or -1 if more than `cap`
   int64_t (*collect)(const float* score, int64_t begin, int64_t end, uint32_t low, uint32_t high, uint32_t* out,
                      int64_t cap, int64_t* above);
-  // mask bits of [begin, end) (begin a multiple of 32): score >= threshold
-  void (*mask)(const float* score, uint8_t* mask, int64_t begin, int64_t end, float threshold);
+  // mask bits of [begin, end) (begin a multiple of 32): score_key(score) >= threshold_key
+  void (*mask)(const float* score, uint8_t* mask, int64_t begin, int64_t end, uint32_t threshold_key);
   // sum over [begin, end) (begin a multiple of 32) of (g * bit)^2: the squared
   // norm of the masked gradient (an inf masked out gives NaN, as grad * mask does)
   double (*masked_sq_sum)(int dtype, const void* g, const uint8_t* mask, int64_t begin, int64_t end);

@@ -288,7 +288,7 @@ void select(const std::vector<int64_t>& scores, const std::vector<int64_t>& mask
   for (int64_t c = 0; c < (int64_t)chunks.size(); ++c) {
     const Chunk& chunk = chunks[c];
     const SelectArgs& t = tensors[chunk.tensor];
-    kernels.mask(t.score, t.mask, (int64_t)chunk.index * kChunk, chunk_end(t, chunk), key_to_score(keys[chunk.tensor]));
+    kernels.mask(t.score, t.mask, (int64_t)chunk.index * kChunk, chunk_end(t, chunk), keys[chunk.tensor]);
   }
 }
 

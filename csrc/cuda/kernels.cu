@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) find_kernel(RadixState* __restrict__
   for (int q = 0; q < per; ++q) h[top - q] = 0;
 }
 
-// score >= threshold, packed: a warp's ballot is the 32-bit word of its 32
+// score_key(score) >= the threshold's key, packed: a warp's ballot is the 32-bit word of its 32
 // consecutive entries (entry i is bit i % 8 of byte i / 8, little-endian).
 __global__ void __launch_bounds__(kThreads)
     mask_kernel(const SelectArgs* __restrict__ tensors, const Chunk* __restrict__ chunks, int nchunks,
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = blockIdx.x; c < nchunks; c += gridDim.x) {
     const Chunk chunk = chunks[c];
     const SelectArgs a = tensors[chunk.tensor];
-    const float threshold = radix_threshold(states[chunk.tensor]);
+    const uint32_t threshold = radix_threshold_key(states[chunk.tensor]);
     const int64_t begin = (int64_t)chunk.index * kSelectChunk;
     const int64_t end = min64(begin + kSelectChunk, a.numel);
     for (int64_t base = begin; base < end; base += (int64_t)kUnroll * kThreads) {
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t first = base + u * kThreads + (threadIdx.x & ~31);  // the warp's first entry
-        const bool keep = first + lane < end && x[u] >= threshold;
+        const bool keep = first + lane < end && score_key(x[u]) >= threshold;
         const uint32_t word = __ballot_sync(0xffffffffu, keep);
         if (lane < 4 && first + 8 * lane < end) a.mask[(first >> 3) + lane] = (uint8_t)(word >> (8 * lane));
       }
