@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from dps_fast import selection
+from dps_fast import param_state, selection
 from dps_fast.backends import reference
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
@@ -128,9 +128,7 @@ def check_fallback(backend, device):
               torch.randn(4097, generator=generator).to(device)]
     grads = [torch.randint(-63, 64, p.shape, generator=generator).to(p.dtype).div(16).to(device) for p in params]
     grads[0] = grads[0].t().contiguous().t()  # same strides as its parameter
-    avgs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    sqs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    avgs, sqs, scores = ([param_state.zeros(p) for p in params] for _ in range(3))  # float64 state for float64
     want = [[t.cpu().clone() for t in group] for group in (params, avgs, sqs, scores)]
     backend.update(params, grads, avgs, sqs, [1, 1, 1], **HYPER, scores=scores, reset_scores=[True] * 3)
     reference.update(want[0], [g.cpu() for g in grads], want[1], want[2], [1, 1, 1], **HYPER, scores=want[3],

@@ -80,12 +80,13 @@ def _update_args(kind, dtype=torch.float32, grad_scale=1.0):
     generator = torch.Generator().manual_seed(0)
     rand = lambda shape: torch.randn(shape, generator=generator)  # noqa: E731
     grids = [torch.randint(-63, 64, shape, generator=generator).float() / 16 for shape in SHAPES]
+    wide = torch.float64 if dtype == torch.float64 else torch.float32  # dps_fast.param_state.state_dtype
     args = dict(params=[rand(s).to(dtype) for s in SHAPES],
                 grads=[(g * grad_scale).to(dtype) for g in grids],  # exact: scores compare bit for bit
-                exp_avgs=[rand(s) for s in SHAPES], exp_avg_sqs=[rand(s).abs() for s in SHAPES],
+                exp_avgs=[rand(s).to(wide) for s in SHAPES], exp_avg_sqs=[rand(s).abs().to(wide) for s in SHAPES],
                 steps=[3, 1, 5, 2, 7, 4])
     if kind == "explore":
-        args.update(scores=[torch.randint(0, 64, s, generator=generator).float() / 16 for s in SHAPES],
+        args.update(scores=[(torch.randint(0, 64, s, generator=generator).float() / 16).to(wide) for s in SHAPES],
                     reset_scores=[i % 2 == 0 for i in range(len(SHAPES))])
     elif kind in ("grad", "freeze"):
         args.update(masks=reference.select_masks([torch.rand(s, generator=generator) for s in SHAPES], 0.3),

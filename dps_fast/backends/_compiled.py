@@ -2,16 +2,19 @@
 module, and turning a backend call into the raw addresses and sizes the
 kernels take (csrc/dps_table.h describes the other side).
 
-Tensors the kernels cannot take (non-contiguous, float64, ...) go through the
+Every call is first checked by dps_fast.param_state (a tensor that does not fit its
+parameter is a ValueError, never a kernel argument); tensors that fit but
+that the kernels cannot take (non-contiguous, float64, ...) go through the
 reference backend instead, so every call gives the reference's result.
 """
 import importlib
-import math
+import importlib.machinery
+import importlib.util
 import operator
 
 import torch
 
-from .. import selection
+from .. import param_state, selection
 from . import reference
 
 # csrc/dps_math.h: enum Mode and enum DType
@@ -24,26 +27,36 @@ _contiguous = torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
 
 
-def load(module_name):
-    """(module, None) or (None, why it cannot be imported)."""
+def load(module_name, path=None):
+    """(module, None) or (None, why it cannot be imported). `path`: load the module
+    from that file instead (e.g. a sanitizer build: `make sanitize`)."""
     try:
+        if path:
+            loader = importlib.machinery.ExtensionFileLoader(module_name, path)
+            module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
+            loader.exec_module(module)
+            return module, None
         return importlib.import_module(module_name), None
     except ImportError as error:
         return None, (f"the compiled module {module_name} is not built ({error}); reinstall with a C++ "
                       "toolchain and cmake (see `dps-fast info`)")
 
 
-def _split(params, grads):
+def _split(params, grads, state_lists):
     """{dtype: indices} of the tensors the kernels take (None: all of them, the
-    usual case, found with a few C-level passes), and the indices they do not."""
+    usual case, found with a few C-level passes), and the indices they do not:
+    a parameter of another dtype (float64), a gradient of another dtype than its
+    parameter, or any tensor of the entry (param, grad, moments, score, mask)
+    that is not contiguous. dps_fast.param_state.check_update has checked the shapes."""
     dtypes = list(map(_dtype, params))
     first = dtypes[0]
     if (first in DTYPE_CODES and dtypes.count(first) == len(dtypes) and list(map(_dtype, grads)) == dtypes
-            and all(map(_contiguous, params)) and all(map(_contiguous, grads))):
+            and all(all(map(_contiguous, tensors)) for tensors in (params, grads, *state_lists))):
         return {first: None}, []
     by_dtype, others = {}, []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        if param.dtype in DTYPE_CODES and grad.dtype == param.dtype and param.is_contiguous() and grad.is_contiguous():
+        if (param.dtype in DTYPE_CODES and grad.dtype == param.dtype
+                and all(tensors[i].is_contiguous() for tensors in (params, grads, *state_lists))):
             by_dtype.setdefault(param.dtype, []).append(i)
         else:
             others.append(i)
@@ -66,6 +79,7 @@ def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, b
     once per dtype; lists are the kernels' per-tensor address lists."""
     if not params:
         return
+    param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
     if scores is not None:
@@ -74,7 +88,8 @@ def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, b
         mode = EXPLOIT_FREEZE if freeze else EXPLOIT_GRAD
     else:
         mode = PLAIN
-    by_dtype, others = _split(params, grads)
+    state_lists = [exp_avgs, exp_avg_sqs] + [t for t in (scores, masks) if t is not None]
+    by_dtype, others = _split(params, grads, state_lists)
     for dtype, indices in by_dtype.items():
         if indices is None:
             pick = lambda values: values  # noqa: E731
@@ -98,10 +113,11 @@ def masked_norms(launch, grads, masks):
     """reference.masked_norms's result, the contiguous grads of kernel dtypes computed
     by launch(dtype_code, grad_addresses, mask_addresses, numels) -> squared norms
     (a list, or an fp64 tensor on the grads' device)."""
+    param_state.check_masks(grads, masks)
     norms = [None] * len(grads)
     by_dtype = {}
     for i, grad in enumerate(grads):
-        if grad.dtype in DTYPE_CODES and grad.is_contiguous():
+        if grad.dtype in DTYPE_CODES and grad.is_contiguous() and masks[i].is_contiguous():
             by_dtype.setdefault(grad.dtype, []).append(i)
         else:
             norms[i] = reference.masked_norms([grad], [masks[i]])[0]
@@ -117,7 +133,8 @@ def select_masks(launch, scores, sparsity):
     """Packed masks of `scores` (see dps_fast.selection), computed by
     launch(score_addresses, mask_addresses, numels, ks) over fp32 contiguous scores."""
     scores = [score.to(torch.float32).contiguous() for score in scores]  # no copy when already so
-    masks = [torch.empty(math.ceil(score.numel() / 8), dtype=torch.uint8, device=score.device) for score in scores]
+    masks = [torch.empty(selection.packed_size(score.numel()), dtype=torch.uint8, device=score.device)
+             for score in scores]
     numels = list(map(_numel, scores))
     if scores:
         launch(list(map(_data_ptr, scores)), list(map(_data_ptr, masks)), numels,

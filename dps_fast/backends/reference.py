@@ -1,7 +1,8 @@
 """Pure-PyTorch backend: the executable specification of one DPS update.
 
 Short and obvious on purpose; every fast backend is tested against it.
-All arithmetic is fp32 whatever the parameter dtype (state is fp32 too).
+All arithmetic is in the state's dtype (dps_fast.param_state.state_dtype): fp32
+whatever the parameter dtype, float64 for float64 parameters.
 """
 import torch
 
@@ -45,7 +46,8 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
     if found_inf is not None and found_inf.item() != 0:
         return
     for i, param in enumerate(params):
-        grad = grads[i].float()
+        compute = exp_avgs[i].dtype
+        grad = grads[i].to(compute)
         if inv_scale is not None:
             grad = grad * inv_scale
         if scores is not None:
@@ -59,9 +61,9 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
         if mask is not None and not freeze:
             grad = grad * mask
         new_param, new_avg, new_avg_sq = adamw_math(
-            param.float(), grad, exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1, beta2, eps, weight_decay)
+            param.to(compute), grad, exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1, beta2, eps, weight_decay)
         if mask is not None and freeze:
-            new_param = torch.where(mask, new_param, param.float())
+            new_param = torch.where(mask, new_param, param.to(compute))
             new_avg = torch.where(mask, new_avg, exp_avgs[i])
             new_avg_sq = torch.where(mask, new_avg_sq, exp_avg_sqs[i])
         param.copy_(new_param)

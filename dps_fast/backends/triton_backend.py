@@ -12,8 +12,9 @@ One program updates one chunk: 64-bit arithmetic only for the chunk's base
 addresses, 32-bit indices inside it. Whole BLOCKs first, then the tail, so
 that the bounds of the main loop are multiples of BLOCK and, with every
 tensor 16-byte aligned (copies are made of tensors that are not), loads and
-stores compile to 16-byte vector accesses. All math is fp32; params and
-grads may be fp32/bf16/fp16/fp64. Bytes per entry, fp32 params and grads
+stores compile to 16-byte vector accesses. All math is fp32; params may be
+fp32/bf16/fp16 (float64 ones, whose state is float64, go to the reference
+backend), grads any float dtype. Bytes per entry, fp32 params and grads
 (bf16 saves 2 B on each of p read, p write and g read):
     plain AdamW      read p, g, m, v; write p, m, v           28 B
     explore          + read and write the score               36 B
@@ -59,7 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import selection
+from .. import param_state, selection
+from . import reference
 
 NAME = "triton"
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
@@ -205,8 +207,8 @@ def _update_span(first, last, keep_scores, ptrs, scalars, PARAM_DTYPE: tl.conste
         write = live
         if MASK_MODE != NO_MASK:  # chunks start on a multiple of 8 entries: bit idx % 8 of byte idx // 8
             kept = ((tl.load(bits_ptr + (idx >> 3), mask=live, other=0).to(tl.int32) >> (idx & 7)) & 1) != 0
-            if MASK_MODE == MASK_GRAD:
-                grad = tl.where(kept, grad, 0.0)
+            if MASK_MODE == MASK_GRAD:  # grad * mask, as the reference: an inf masked out gives NaN
+                grad = grad * kept.to(tl.float32)
             else:
                 write = live & kept
         param = tl.load(param_ptr + idx, mask=live, other=0.0).to(tl.float32)
@@ -221,9 +223,10 @@ def _update_span(first, last, keep_scores, ptrs, scalars, PARAM_DTYPE: tl.conste
 
 @triton.jit
 def _order_key(score):
-    """uint32 keys whose unsigned order is the float order of `score`; -0.0 and +0.0 get
-    one key, as they compare equal."""
-    bits = tl.where(score == 0.0, 0.0, score).to(tl.uint32, bitcast=True)
+    """The order keys of dps_fast.selection: uint32 keys whose unsigned order is the float
+    order of `score`, with -0.0 as +0.0 and NaN as -inf."""
+    score = tl.where(score != score, float("-inf"), tl.where(score == 0.0, 0.0, score))
+    bits = score.to(tl.uint32, bitcast=True)
     # Negative floats order backwards: flip all their bits; positive ones go above them.
     return bits ^ tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000)
 
@@ -346,15 +349,16 @@ def _upload(device, fields, numels, floats=(), extra=()):
     rows = torch.cat([numels[:, None], first[:, None], torch.tensor(fields, dtype=torch.int64)], 1)
     owners = torch.repeat_interleave(torch.arange(len(numels)), chunks)
     floats = torch.tensor(floats, dtype=torch.float32)
-    if len(floats) % 2:
-        floats = torch.cat([floats, floats.new_zeros(1)])
-    parts = [rows.reshape(-1), owners, torch.tensor(extra, dtype=torch.int64), floats.view(torch.int64)]
-    sizes = [part.numel() for part in parts]
-    table = torch.cat(parts)
+    parts = [rows.reshape(-1), owners, torch.tensor(extra, dtype=torch.int64), floats]
+    # Every section starts on a 16-byte boundary: Triton specialises pointer arguments on
+    # that, so sections aligned by chance would compile a kernel per tensor count's parity.
+    padded = [torch.cat([part, part.new_zeros(-part.numel() % (16 // part.element_size()))]).view(torch.int64)
+              for part in parts]
+    table = torch.cat(padded)
     if device.type == "cuda":  # from pageable memory a "non-blocking" copy may wait for the stream
         table = table.pin_memory()
-    views = list(table.to(device, non_blocking=True).split(sizes))
-    views[3] = views[3].view(torch.float32)
+    views = table.to(device, non_blocking=True).split([part.numel() for part in padded])
+    views = [view.view(part.dtype)[: part.numel()] for view, part in zip(views, parts)]
     return views, len(owners)
 
 
@@ -365,8 +369,19 @@ def _scalar(value, device):
 def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
            grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
            inv_scale=None, found_inf=None):
-    """Update every tensor of one group in place; semantics of reference.update."""
-    live = [i for i, param in enumerate(params) if param.numel()]
+    """Update every tensor of one group in place; semantics of reference.update (which
+    updates the float64 parameters, whose state is float64: dps_fast.param_state)."""
+    param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
+    wide = [i for i, param in enumerate(params) if param.dtype == torch.float64]
+    if wide:
+        def pick(values, indices):
+            return None if values is None else [values[i] for i in indices]
+
+        reference.update(pick(params, wide), pick(grads, wide), pick(exp_avgs, wide), pick(exp_avg_sqs, wide),
+                         pick(steps, wide), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                         grad_coef=grad_coef, scores=pick(scores, wide), reset_scores=pick(reset_scores, wide),
+                         masks=pick(masks, wide), freeze=freeze, inv_scale=inv_scale, found_inf=found_inf)
+    live = [i for i, param in enumerate(params) if param.numel() and param.dtype != torch.float64]
     if not live:
         return
     device = params[live[0]].device
@@ -461,6 +476,7 @@ def _update_config(device, variant):
 def masked_norms(grads, masks):
     """1-D fp32 tensor: the L2 norm of each grad * its packed mask; semantics of
     reference.masked_norms (summed in fp32 per lane and fp64 across chunks)."""
+    param_state.check_masks(grads, masks)
     norms = [None] * len(grads)
     by_dtype = {}
     for i, grad in enumerate(grads):
@@ -487,7 +503,8 @@ def masked_norms(grads, masks):
 
 def select_masks(scores, sparsity):
     """One packed mask per score tensor (see dps_fast.selection); semantics of reference.select_masks."""
-    masks = [torch.empty((score.numel() + 7) // 8, dtype=torch.uint8, device=score.device) for score in scores]
+    masks = [torch.empty(selection.packed_size(score.numel()), dtype=torch.uint8, device=score.device)
+             for score in scores]
     live = [i for i, score in enumerate(scores) if score.numel()]
     if not live:
         return masks

@@ -1,0 +1,163 @@
+"""The per-parameter state of DPSAdamW, and the one check that every tensor a
+kernel touches fits its parameter.
+
+State of a parameter `p` (optimizer.state[p]):
+    step                      int: AdamW's bias-correction step
+    exp_avg, exp_avg_sq       AdamW's moments   } p's shape, in state_dtype(p)
+    score                     DPS score (g*g)   }
+    mask                      packed subnetwork bits: 1-D uint8, packed_size(p.numel()) bytes
+    mix_init, mix_snapshot    DPS-Mix targets (W0, stage snapshot): p's shape and dtype
+    mix_count                 DPS-Mix keep counts: fp32, one per input column of a matrix
+    score_stage, mask_stage, snapshot_stage
+                              int tags: the first step of the stage the entry belongs to
+
+`check_update` (and `check_entries`) is the host layer shared by the fast backends (and run by
+DPSAdamW.step over every group before anything changes): it rejects any
+tensor whose shape, dtype or device does not fit its parameter, so that no
+kernel is given a buffer shorter than what it indexes. Layout (strides) is
+the backends' business: a tensor that fits but is not contiguous is handed
+to the reference backend, or copied (dps_fast/backends).
+`adopt` brings a loaded entry to this form where that is lossless (another
+float dtype, a bool mask, other strides) and rejects it otherwise.
+"""
+import operator
+
+import torch
+
+from . import distributed
+from .selection import pack_mask, packed_size
+
+LIKE_PARAM = ("exp_avg", "exp_avg_sq", "score")  # p's shape, state_dtype(p)
+TAGS = ("score_stage", "mask_stage", "snapshot_stage")
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_numel = torch.Tensor.numel
+
+
+def state_dtype(param):
+    """The dtype of a parameter's moments and score: fp32, or float64 for float64 parameters."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def zeros(param):
+    """A zero moment or score for `param`: its shape and strides, state_dtype(param)."""
+    return torch.zeros_like(param, dtype=state_dtype(param))
+
+
+def mix_count_shape(param):
+    """DPS-Mix counts keeps per input column of a matrix, per entry otherwise."""
+    return param.shape[-1:] if param.dim() == 2 else param.shape
+
+
+def _expected(param, key):
+    """(shape, dtype) a tensor entry `key` of param's state must have, or None if any."""
+    if key in LIKE_PARAM:
+        return param.shape, state_dtype(param)
+    if key == "mask":  # a DTensor parameter's mask covers its local shard
+        return torch.Size([packed_size(distributed.local(param).numel())]), torch.uint8
+    if key in ("mix_init", "mix_snapshot"):
+        return param.shape, param.dtype
+    if key == "mix_count":
+        return mix_count_shape(param), torch.float32
+    return None
+
+
+def _describe(tensor):
+    return f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}"
+
+
+def misfit(param, key, value):
+    """None if `value` fits entry `key` of param's state, else what was expected."""
+    expected = _expected(param, key)
+    if expected is None:
+        return None
+    shape, dtype = expected
+    if not isinstance(value, torch.Tensor):
+        return f"expected a tensor, got {type(value).__name__}"
+    local = distributed.local(param)
+    if value.shape != shape or value.dtype != dtype or value.device != local.device:
+        what = "packed mask bits" if key == "mask" else "the parameter's shape" if shape == param.shape else "shape"
+        return f"is {_describe(value)}; expected {dtype} of shape {tuple(shape)} ({what}) on {local.device}"
+    return None
+
+
+def adopt(param, key, value, where):
+    """Entry `key` of a loaded state brought to the form misfit() accepts, as a new
+    tensor: tags and steps to ints, floats of another dtype to the state dtype, a bool
+    mask of the parameter's shape packed, tensors to the parameter's device and strides.
+    Raises ValueError naming `where` (the parameter) and the key otherwise."""
+    if key == "step" or key in TAGS:
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, bool) or not float(value).is_integer() or value < 0:
+            raise ValueError(f"{where}: state {key!r} must be an integer >= 0; got {value!r}")
+        return int(value)
+    expected = _expected(param, key)
+    if expected is None or not isinstance(value, torch.Tensor):
+        return value
+    shape, dtype = expected
+    device = distributed.local(param).device
+    loaded = value
+    if key == "mask" and value.dtype == torch.bool and value.shape == param.shape:
+        value = pack_mask(value.to(device))
+    elif value.is_floating_point() and dtype.is_floating_point and value.shape == shape:
+        if value.dtype != dtype or value.device != device:
+            value = value.to(device=device, dtype=dtype)
+        if shape == param.shape and not distributed.is_dtensor(param) and value.stride() != param.stride():
+            value = torch.empty_like(param, dtype=dtype).copy_(value)  # the parameter's layout
+    elif value.device != device and value.shape == shape and value.dtype == dtype:
+        value = value.to(device)
+    problem = misfit(param, key, value)
+    if problem is not None:
+        raise ValueError(f"{where}: state {key!r} {problem}. The state does not belong to this parameter "
+                         "(a checkpoint of another model, or a parameter reshaped after its state was made)")
+    return value.clone() if value is loaded else value  # never shared with the state dict
+
+
+def check_update(params, grads, exp_avgs, exp_avg_sqs, scores=None, masks=None, where=None):
+    """Raise ValueError unless, for every i, grads[i], exp_avgs[i], exp_avg_sqs[i]
+    and scores[i] have params[i]'s shape and device, the moments and scores
+    state_dtype(params[i]), and masks[i] is params[i]'s packed mask (1-D uint8 of
+    packed_size(numel) bytes, same device). where(i) names params[i] in the message."""
+    entries = dict(grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs, score=scores, mask=masks)
+    for key, values in entries.items():
+        if values is not None:
+            check_entries(params, key, values, where)
+
+
+def check_entries(params, key, values, where=None):
+    """Raise ValueError unless values[i] fits entry `key` ("grad" or a state key) of
+    params[i]'s state (misfit). The common case costs a few C-level passes."""
+    if len(values) != len(params):
+        raise ValueError(f"{len(values)} {key} tensors for {len(params)} params")
+    if key == "mask":
+        fits = (list(map(_shape, values)) == [torch.Size([packed_size(n)]) for n in map(_numel, params)]
+                and all(d == torch.uint8 for d in map(_dtype, values)))
+    else:
+        fits = list(map(_shape, values)) == list(map(_shape, params)) and (key == "grad" or list(map(
+            _dtype, values)) == [torch.float64 if d == torch.float64 else torch.float32 for d in map(_dtype, params)])
+    if fits and list(map(_device, values)) == list(map(_device, params)):
+        return
+    for i, value in enumerate(values):
+        problem = _grad_misfit(params[i], value) if key == "grad" else misfit(params[i], key, value)
+        if problem is not None:
+            name = where(i) if where else f"params[{i}]"
+            raise ValueError(f"{name}: {'its gradient' if key == 'grad' else f'state {key!r}'} {problem}")
+
+
+def _grad_misfit(param, grad):
+    if grad.shape != param.shape or grad.device != param.device or not grad.is_floating_point():
+        return f"is {_describe(grad)}; expected a float tensor of shape {tuple(param.shape)} on {param.device}"
+    return None
+
+
+def check_masks(grads, masks):
+    """Raise ValueError unless masks[i] is grads[i]'s packed mask (masked_norms' inputs)."""
+    if len(grads) != len(masks):
+        raise ValueError(f"{len(masks)} masks for {len(grads)} gradients")
+    for i, (grad, bits) in enumerate(zip(grads, masks)):
+        problem = misfit(grad, "mask", bits)
+        if problem is not None:
+            raise ValueError(f"masks[{i}] {problem}")
