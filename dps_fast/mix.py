@@ -73,8 +73,8 @@ def mixed(optimizer, param):
         state["mix_snapshot"] = param.detach().clone()
         state["snapshot_stage"] = stage
     optimizer._ensure_masks(group, [param], stage)
-    bits = state.get("mask")
-    if bits is None:  # never scored: update densely, like the optimizer does
+    bits = optimizer._current_mask(param, stage)
+    if bits is None:  # not scored in the stage before: update densely, like the optimizer does
         keep = torch.ones_like(param)
     else:
         keep = selection.unpack_mask(bits, param.shape).to(param.dtype)

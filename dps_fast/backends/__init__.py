@@ -45,19 +45,26 @@ def unavailable_reason(name, device):
     return module.unavailable_reason(torch.device(device))
 
 
-def resolve(backend, device):
+def resolve(backend, device, implementation=None):
     """The backend module to use for tensors on `device`.
 
-    "auto" picks the first of BACKEND_NAMES that can run there; a named
-    backend that cannot run raises RuntimeError saying why."""
+    "auto" picks the first of BACKEND_NAMES that can run there, among the
+    multi-tensor kernels only for implementation="fused" (torch's fused=True or
+    foreach=True), the reference for "unfused" (fused=False or foreach=False);
+    a backend that cannot run raises RuntimeError saying why."""
     check_name(backend)
     if backend == "auto":
-        for name in BACKEND_NAMES:
+        names = {"fused": BACKEND_NAMES[:-1], "unfused": ("torch",), None: BACKEND_NAMES}[implementation]
+        for name in names:
             # Triton on the CPU is its interpreter: a test tool, never the fast choice.
             if name == "triton" and torch.device(device).type == "cpu":
                 continue
             if unavailable_reason(name, device) is None:
                 return _module(name)
+        if implementation == "fused":
+            reasons = "; ".join(f"{name}: {unavailable_reason(name, device)}" for name in names)
+            raise RuntimeError(f"fused=True / foreach=True: no multi-tensor kernel can run on {torch.device(device)} "
+                               f"here ({reasons})")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(
