@@ -72,7 +72,10 @@ class CMakeBuild(build_ext):
             if source:
                 target = self.get_ext_fullpath(ext.name)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copyfile(source, target)
+                # a new file, renamed over the old one: a process that has the old
+                # module loaded keeps its (unlinked) copy instead of crashing
+                shutil.copyfile(source, target + ".tmp")
+                os.replace(target + ".tmp", target)
 
     def _build_with_cmake(self):
         """{module name: built file}; warns about each module it could not build."""

@@ -2,14 +2,27 @@
 (csrc/cpu), hot loops built for AVX-512, AVX2 and baseline x86-64 and picked
 for the CPU at run time; selection by parallel radix select (no sort).
 
+Read at import, for tests: DPS_FAST_CPU_ISA=avx512|avx2|base forces the
+kernels of one instruction set (e.g. the baseline build on an AVX-512
+machine); DPS_FAST_CPU_KERNELS=FILE loads the compiled module from FILE (the
+AddressSanitizer build of `make sanitize`).
+
 Same contract and results as the reference backend (reference.py)."""
+import os
+
 import torch
 
 from . import _compiled
 
 NAME = "cpu"
 
-_kernels, _import_error = _compiled.load("dps_fast._cpu_kernels")
+_kernels, _import_error = _compiled.load("dps_fast._cpu_kernels", os.environ.get("DPS_FAST_CPU_KERNELS"))
+if _kernels is not None and os.environ.get("DPS_FAST_CPU_ISA"):
+    try:
+        _kernels.set_isa(os.environ["DPS_FAST_CPU_ISA"])
+    except ValueError as error:  # a typo must not quietly test the default kernels
+        raise ValueError(f"DPS_FAST_CPU_ISA={os.environ['DPS_FAST_CPU_ISA']!r}: {error}; this CPU runs "
+                         f"{', '.join(_kernels.runnable_isas())}") from None
 
 
 def unavailable_reason(device: torch.device):
