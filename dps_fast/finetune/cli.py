@@ -113,7 +113,7 @@ def add_arguments(parser):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="write every run's result here (rewritten after each run)")
-    parser.add_argument("--plot", metavar="PNG", help="draw accuracy per method with the seed spread")
+    parser.add_argument("--plot", metavar="PNG", help="draw dev accuracy per setting: over training with --eval-every, else per method and seed")
     parser.add_argument("--load", metavar="JSON", nargs="+",
                         help="no training: tabulate (and --plot) the runs saved in these --json files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
