@@ -1,7 +1,7 @@
 """The --plot figure: one panel per setting. Runs with a dev curve (--eval-every)
 are drawn over training (a thin line per seed, a thick line for the mean over
-seeds, the degenerate line dashed); runs without one as a dot per seed with
-the mean ± std bar."""
+seeds, each seed's final accuracy as a dot right of the end, the degenerate
+line dashed); runs without one as a dot per seed with the mean ± std bar."""
 import math
 
 from .report import DEGENERATE_MARGIN, setting, summarize
@@ -25,11 +25,14 @@ def _title(key):
 
 def _curves_panel(ax, runs, methods, colours, margin):
     majority = [r["majority"] for r in runs if r.get("majority") is not None]
-    for method in methods:
+    for index, method in enumerate(methods):
         mine = [r for r in runs if r["method"] == method and r.get("curve")]
         for run in mine:
             ax.plot([100 * s / run["steps"] for s, _ in run["curve"]], [100 * a for _, a in run["curve"]],
                     color=colours[method], alpha=0.25, linewidth=0.8)
+        # each seed's final accuracy, a little right of the end, one column per method
+        ax.scatter([101.5 + 1.5 * index] * len(mine), [100 * r["dev_accuracy"] for r in mine], s=10,
+                   color=colours[method], alpha=0.8, linewidths=0)
         if mine:
             points = mine[0]["curve"]
             same = [r for r in mine if [s for s, _ in r["curve"]] == [s for s, _ in points]]
