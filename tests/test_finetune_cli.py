@@ -71,7 +71,7 @@ BAD_OPTIONS = [
     (["--reserve", "1.5"], ["--reserve"]),
     (["--stage-ratio", "0"], ["--stage-ratio"]),
     (["--stage-ratio", "2"], ["--stage-ratio"]),
-    (["--steps", "2"], ["--stage-ratio 0.05", "int(2 * 0.05) = 0", "--steps", "at least 20 steps"]),
+    (["--steps", "2"], ["--stage-ratio 0.05", "int(2 * 0.05) = 0", "--steps 2", "at least 20 steps"]),
     (["--method", "dps-mix", "--train-size", "16", "--epochs", "1"], ["--stage-ratio", "--epochs"]),
     (["--dev-size", "0"], ["--dev-size"]),
     (["--dev-size", "501"], ["--dev-size", "trec has 500 dev examples"]),

@@ -178,10 +178,11 @@ def _stage_hint(task, size, recipe, steps):
         need += 1
     while need > 1 and stage_steps_from(need - 1, ratio) >= 1:
         need -= 1
-    where = f"{task} with {size} training examples and " + (
-        "--steps" if recipe.steps is not None else f"--epochs {recipe.epochs:g} (batch {recipe.batch_size})")
-    return (f"--stage-ratio {ratio:g} gives DPS a stage length T = int({steps} * {ratio:g}) = 0 for {where}: "
-            f"use at least {need} steps (--steps, or more --epochs) or --stage-ratio >= {1 / steps:.3g}")
+    where = f"{task}, {size} training examples, " + (
+        f"--steps {steps}" if recipe.steps is not None else f"--epochs {recipe.epochs:g} at batch {recipe.batch_size}")
+    return (f"--stage-ratio {ratio:g} gives DPS a stage length T = int({steps} * {ratio:g}) = 0 steps ({where}): "
+            f"give at least {need} steps (--steps, or more --epochs or --train-size) or --stage-ratio >= "
+            f"{1 / steps:.3g}")
 
 
 def check(args):
