@@ -242,18 +242,20 @@ def test_train_run_every_method(trec_tiny, method):
             result | dict(seconds=0, seconds_eval=0)
 
 
-def test_train_run_records_a_dev_curve_and_out_of_domain_accuracy(trec_tiny):
+@pytest.mark.parametrize("method", ["dps", "dps-mix", "mixout"])
+def test_train_run_records_a_dev_curve_and_out_of_domain_accuracy(trec_tiny, method):
     from dps_fast.finetune import Recipe, evaluate, train_run
 
     base, train, dev = trec_tiny
-    recipe = Recipe(steps=6, stage_ratio=0.5)
-    plain = train_run(base, train, dev, "dps", seed=1, recipe=recipe)
+    recipe = Recipe(steps=6, stage_ratio=0.5, lr=1e-3)
+    plain = train_run(base, train, dev, method, seed=1, recipe=recipe)
     assert "curve" not in plain and "ood" not in plain
     assert plain["majority"] == max(dev.labels.count(c) for c in set(dev.labels)) / len(dev)
     assert plain["lr"] == recipe.lr and plain["epochs"] is None
-    result = train_run(base, train, dev, "dps", seed=1, recipe=recipe, eval_every=4, ood={"again": dev})
-    assert [step for step, _ in result["curve"]] == [4, 6] and result["curve"][-1][1] == result["dev_accuracy"]
-    assert result["dev_accuracy"] == plain["dev_accuracy"]  # evaluating in between changes nothing
+    result = train_run(base, train, dev, method, seed=1, recipe=recipe, eval_every=2, ood={"again": dev})
+    assert [step for step, _ in result["curve"]] == [2, 4, 6] and result["curve"][-1][1] == result["dev_accuracy"]
+    # evaluating in between changes nothing (no random draw, no schedule step)
+    assert (result["dev_accuracy"], result["train_loss"]) == (plain["dev_accuracy"], plain["train_loss"])
     assert result["ood"] == {"again": dict(accuracy=result["dev_accuracy"], majority=result["majority"])}
     assert 0 <= evaluate(base, dev, "cpu") <= 1
 
