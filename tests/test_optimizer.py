@@ -421,20 +421,6 @@ def test_mix_attach_twice_raises():
 
 # ----- param_groups ----------------------------------------------------------------
 
-def test_param_groups_follow_the_paper():
-    model = tiny_model()
-    groups = param_groups(model, weight_decay=0.02)
-    names = {id(p): n for n, p in model.named_parameters()}
-    managed, decayed, undecayed = ([names[id(p)] for p in g["params"]] for g in groups)
-    assert all(n.endswith("weight") and "norm" not in n for n in managed)
-    assert "pooler.weight" in managed and "classifier.weight" in managed and "blocks.0.query.weight" in managed
-    assert sorted(decayed) == ["embed.weight", "position"]
-    assert "blocks.0.norm1.weight" in undecayed and "classifier.bias" in undecayed
-    assert [g["weight_decay"] for g in groups] == [0.02, 0.02, 0.0]
-    assert [g.get("dps", True) for g in groups] == [True, False, False]
-    assert len(managed) + len(decayed) + len(undecayed) == len(list(model.parameters()))
-
-
 # ----- bad input ---------------------------------------------------------------------
 
 def _param():
@@ -460,6 +446,17 @@ def _param():
     (dict(betas=(0.9, 1.0)), ValueError, "betas must be a pair of numbers in \\[0, 1\\)"),
     (dict(betas=(-0.1, 0.9)), ValueError, "betas"),
     (dict(betas=(0.9,)), ValueError, "betas"),
+    (dict(betas=(torch.tensor(0.9), 1.0)), ValueError, "betas"),
+    (dict(lr=torch.tensor([1e-3, 2e-3])), ValueError, "lr as a tensor must have 1 element"),
+    (dict(lr=torch.tensor(-1.0)), ValueError, "lr must be a real number >= 0"),
+    (dict(amsgrad=True), ValueError, "amsgrad=True is not supported by DPSAdamW: .*torch.optim.AdamW"),
+    (dict(capturable=True), ValueError, "capturable=True is not supported by DPSAdamW: .*CUDA graph"),
+    (dict(differentiable=True), ValueError, "differentiable=True is not supported by DPSAdamW"),
+    (dict(maximize="yes"), TypeError, "maximize must be True or False"),
+    (dict(fused="yes"), TypeError, "fused must be None, True or False"),
+    (dict(fused=True, foreach=True), ValueError, "`fused` and `foreach` cannot be `True` together"),
+    (dict(fused=True, backend="torch"), ValueError, "fused=True / foreach=True .* backend='torch'"),
+    (dict(foreach=False, backend="cpu"), ValueError, "fused=False / foreach=False .* not backend='cpu'"),
 ])
 def test_bad_arguments(kwargs, error, words):
     kwargs = {"stage_steps": 5, **kwargs}
@@ -495,3 +492,59 @@ def test_sparse_gradient_is_refused_before_anything_changes():
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
     assert torch.equal(dense, torch.zeros(3)) and not opt.state and opt.param_groups[0]["dps_step"] == 0
+
+
+# ----- torch.optim.AdamW's ways of passing parameters and options ----------------------
+
+def test_named_parameters_are_accepted_and_saved():
+    model = nn.Linear(4, 3)
+    opt = DPSAdamW(model.named_parameters(), stage_steps=2)
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    with pytest.raises(ValueError, match="all tensors or all \\(name, tensor\\) pairs"):
+        DPSAdamW([("weight", model.weight), model.bias], stage_steps=2)
+
+
+def test_fused_and_foreach_choose_between_kernel_and_loop():
+    param = _param()
+    assert DPSAdamW([param], stage_steps=2, fused=False)._backend_for("cpu", {"fused": False, "foreach": None}) \
+        .NAME == "torch"
+    looped = DPSAdamW([param], stage_steps=2, foreach=False)
+    assert looped._backend_for("cpu", looped.param_groups[0]).NAME == "torch"
+    if "cpu" in backends.available("cpu"):
+        fused = DPSAdamW([param], stage_steps=2, fused=True)
+        assert fused._backend_for("cpu", fused.param_groups[0]).NAME == "cpu"
+
+
+def test_stage_length_given_in_a_group_only():
+    managed, plain = _param(), _param()
+    opt = DPSAdamW([{"params": [managed], "stage_steps": 3}, {"params": [plain], "dps": False}])
+    assert opt.param_groups[0]["stage_steps"] == 3 and opt.param_groups[1]["stage_steps"] is None
+    assert DPSAdamW([{"params": [managed], "total_steps": 100}]).param_groups[0]["stage_steps"] == 5
+    with pytest.raises(ValueError, match="param group 1: stage length missing"):
+        DPSAdamW([{"params": [plain], "dps": False}, {"params": [managed]}])
+
+
+def test_a_parameter_replaced_in_place_is_found():
+    old, new = _param(), _param()
+    opt = DPSAdamW([old], stage_steps=1, backend="torch")
+    old.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["params"][0] = new
+    assert opt.mask(new) is None
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        opt.mask(old)
+
+
+def test_a_new_stage_length_starts_a_new_schedule():
+    param = _param()
+    opt = DPSAdamW([param], stage_steps=2, backend="torch")
+    phases = []
+    for step in range(8):
+        if step == 3:  # mid-exploitation (steps 3-4)
+            opt.param_groups[0]["stage_steps"] = 1
+        phases.append(opt.phase)
+        param.grad = torch.ones(3)
+        opt.step()
+    # the new schedule begins after the 3 steps taken: explore (4), exploit (5), explore (6), ...
+    assert phases == ["explore", "explore", "exploit", "explore", "exploit", "explore", "exploit", "explore"]
