@@ -1,6 +1,7 @@
-"""DPS-Mix: the forward-side Mixout mixing of managed nn.Linear tensors.
+"""DPS-Mix: the forward-side Mixout mixing of managed nn.Linear and
+nn.MultiheadAttention tensors.
 
-In training mode a mixed nn.Linear computes with
+In training mode a mixed module computes with
     W_eff = ((1 - m) * target + m * W - p * target) / (1 - p)
 where p is the group's sparsity and
   - exploration: target = W0 (the weights when attach() was called) and m a
@@ -81,10 +82,35 @@ def mixed(optimizer, param):
     return _Mix.apply(param, state["mix_snapshot"], keep, sparsity, state, False)
 
 
-def _mixed_linear_forward(optimizer, module, input):
-    if not module.training:
-        return F.linear(input, module.weight, module.bias)
-    return F.linear(input, mixed(optimizer, module.weight), mixed(optimizer, module.bias))
+# The modules DPS-Mix can mix, and the tensors of each whose forward it replaces.
+# nn.MultiheadAttention computes with its out_proj's weight and bias without calling
+# out_proj.forward, so its wrapper mixes those too (and out_proj is not wrapped alone).
+def _mixed_tensors(module):
+    """{name: tensor} of the tensors `module`'s mixed forward computes with (None if
+    DPS-Mix cannot mix `module`)."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = ["in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                 "out_proj.weight", "out_proj.bias"]
+        tensors = {name: module.get_parameter(name) if "." in name else getattr(module, name) for name in names}
+        return {name: t for name, t in tensors.items() if t is not None}
+    if isinstance(module, nn.Linear):
+        return {name: t for name, t in (("weight", module.weight), ("bias", module.bias)) if t is not None}
+    return None
+
+
+@torch.compiler.disable  # run eagerly under torch.compile: the mixing keeps state in the optimizer
+def _mixed_forward(optimizer, module, *args, **kwargs):
+    own_forward = type(module).forward
+    if not module.training or module.__dict__.get("_dps_mixing"):  # eval, or functional_call's call below
+        return own_forward(module, *args, **kwargs)
+    tensors = {name: mixed(optimizer, tensor) for name, tensor in _mixed_tensors(module).items()}
+    if isinstance(module, nn.Linear):
+        return F.linear(args[0] if args else kwargs["input"], tensors["weight"], tensors.get("bias"))
+    module._dps_mixing = True  # functional_call calls module(...), i.e. this function again
+    try:  # the module's own forward, with the mixed tensors in place of its parameters
+        return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=False, strict=False)
+    finally:
+        module._dps_mixing = False
 
 
 class MixHandle:
@@ -100,25 +126,39 @@ class MixHandle:
 
 
 def attach(optimizer, model):
-    """Mix every nn.Linear of `model` whose weight or bias is in a variant="mix"
-    group of `optimizer`; W0 is captured now."""
-    modules = []
+    """Mix every nn.Linear and nn.MultiheadAttention of `model` that holds a tensor
+    of a variant="mix" group of `optimizer`; W0 is captured now. A tensor of such a
+    group that no such module holds (e.g. GPT-2's Conv1D, which stores its weight
+    transposed, or a custom layer) is a ValueError: it could not be mixed."""
+    mixed_params = {id(p): p for g in optimizer.param_groups if is_mixed(g) for p in g["params"]}
+    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    modules, covered = [], set()
     for module in model.modules():
-        if not isinstance(module, nn.Linear):
+        tensors = _mixed_tensors(module)
+        if tensors is None or id(module) in inside_attention:
             continue
-        tensors = [t for t in (module.weight, module.bias) if t is not None]
-        groups = [optimizer._group_of(t, required=False) for t in tensors]
-        if not any(g is not None and is_mixed(g) for g in groups):
+        chosen = [t for t in tensors.values() if id(t) in mixed_params]
+        if not chosen:
             continue
         if "forward" in module.__dict__:
             raise RuntimeError(f"{module} already has its forward replaced (attached twice?)")
-        for tensor, group in zip(tensors, groups):
-            if group is not None and is_mixed(group):
-                optimizer.state[tensor].setdefault("mix_init", tensor.detach().clone())
-        module.forward = functools.partial(_mixed_linear_forward, optimizer, module)
         modules.append(module)
+        covered.update(map(id, chosen))
+    names = {id(p): n for n, p in model.named_parameters()}
+    left = [names.get(i, f"a tensor of shape {tuple(p.shape)}") for i, p in mixed_params.items()
+            if i not in covered and i in names]
+    if left:
+        raise ValueError(f"variant='mix' can mix only the weights and biases of nn.Linear and nn.MultiheadAttention "
+                         f"(it replaces their forward); these tensors of a mix group are in other modules: "
+                         f"{', '.join(left[:10])}. Put them in a group with variant='dense'.")
     if not modules:
-        raise ValueError("model has no nn.Linear whose weight or bias is in a variant='mix' group of this optimizer")
+        raise ValueError("model has no nn.Linear or nn.MultiheadAttention whose tensors are in a variant='mix' "
+                         "group of this optimizer")
+    for module in modules:
+        for tensor in _mixed_tensors(module).values():
+            if id(tensor) in mixed_params:
+                optimizer.state[tensor].setdefault("mix_init", tensor.detach().clone())
+        module.forward = functools.partial(_mixed_forward, optimizer, module)
     return MixHandle(modules)
 
 
@@ -129,7 +169,7 @@ def check_mixed(optimizer, params):
             raise RuntimeError(
                 f"a parameter of shape {tuple(param.shape)} is in a variant='mix' group but its gradient did "
                 "not come through DPS-Mix mixing: call opt.attach_mix(model) before training, and manage "
-                "only nn.Linear weights and biases with variant='mix'")
+                "only the weights and biases of nn.Linear and nn.MultiheadAttention with variant='mix'")
 
 
 def accumulate_counts(optimizer, params, stage):

@@ -1,0 +1,94 @@
+"""DPS-Mix's forward-side mixing (dps_fast/mix.py): which modules it mixes, under
+torch.compile, and nn.MultiheadAttention (whose forward never calls its out_proj's)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dps_fast import DPSAdamW, param_groups
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x)[:, 0])
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _train(models, x, y, steps):
+    """Step (model, forward, optimizer) triples on the same batch and mixing draws;
+    after every step the parameters of all models must agree within 1e-6."""
+    for step in range(steps):
+        for _, forward, opt in models:
+            torch.manual_seed(step)  # the same Bernoulli draws for every model
+            loss = F.cross_entropy(forward(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+        first = list(models[0][0].parameters())
+        for model, _, _ in models[1:]:
+            for a, b in zip(first, model.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"step {step + 1}: {m}")
+
+
+def _mixed(model, compile_backend=None):
+    opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix", backend="torch")
+    opt.attach_mix(model)
+    return model, torch.compile(model, backend=compile_backend) if compile_backend else model, opt
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "inductor"])
+@pytest.mark.parametrize("make", [_mlp, _Attention], ids=["three-linears", "transformer-layer"])
+def test_compiled_model_mixes_as_eager(make, compile_backend):
+    """Across two stage boundaries (stages of 2 steps: explore 1-2, exploit 3-4, explore 5-6),
+    torch.compile(model) trains exactly as the eager model (the mixing runs eagerly)."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(8, 5, 16) if make is _Attention else torch.randn(32, 8)
+    y = torch.randint(0, 3, (x.shape[0],))
+    eager, compiled = _mixed(copy.deepcopy(model)), _mixed(model, compile_backend)
+    _train([eager, compiled], x, y, steps=6)
+    assert compiled[2].mask(model[0].weight if make is _mlp else model.layer.self_attn.in_proj_weight) is not None
+
+
+def test_multihead_attention_is_mixed():
+    torch.manual_seed(1)
+    model = _Attention()
+    _, _, opt = _mixed(model)
+    attention = model.layer.self_attn
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        model.eval()
+        plain = model(x)
+        for tensor in (attention.in_proj_weight, attention.out_proj.weight):  # W0 differs from W now
+            tensor.add_(0.1)
+        model.train()
+        torch.manual_seed(0)
+        mixed = model(x)
+    assert not torch.allclose(plain, mixed)  # the train-mode forward computes with W_eff
+    loss = model(x).sum()
+    loss.backward()
+    for tensor in (attention.in_proj_weight, attention.out_proj.weight):  # the managed ones (not biases)
+        assert opt.state[tensor]["mix_calls"] >= 1, "no mixed backward reached it"
+    opt.step()
+    assert opt.state[attention.in_proj_weight]["mix_count"].shape == (16,)  # per input column
+
+
+def test_tensors_it_cannot_mix_are_named():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32,
+                                                                 n_positions=8, bos_token_id=0, eos_token_id=0))
+    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
+    with pytest.raises(ValueError, match=r"nn\.Linear and nn\.MultiheadAttention.*transformer\.h\.0\.attn\.c_attn"
+                                         r"\.weight.*variant='dense'"):
+        opt.attach_mix(model)
