@@ -136,3 +136,34 @@ def test_masked_clip_under_grad_scaler_matches_unscaled_training(trainer_unscale
     scaler.update()
     assert scaled.state_dict()["param_groups"][0]["dps_step"] == 6  # state_dict() reads found_inf
     assert all(torch.equal(a, b) for a, b in zip(before, scaled_model.parameters()))
+
+
+def _tiny_data(count=16):
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 16, (count, 8), generator=generator)
+    return [{"tokens": t, "labels": (t[0] > 7).long()} for t in tokens]
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
+
+    def forward(self, tokens, labels=None):
+        logits = self.encoder(tokens)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_trainer_takes_stage_steps_from_dps_kwargs(tmp_path):
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    trainer = DPSTrainer(model=_Classifier(), args=args, train_dataset=_tiny_data(), dps_kwargs=dict(stage_steps=2))
+    trainer.train()
+    opt = trainer.dps_optimizer
+    assert opt.param_groups[0]["stage_steps"] == 2 and opt.param_groups[0]["dps_step"] == 4
+
+
+def test_trainer_refuses_an_optimizer_choice_it_would_ignore(tmp_path):
+    args = TrainingArguments(str(tmp_path), optim="adafactor", report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"TrainingArguments\(optim='adafactor'\) would be ignored"):
+        DPSTrainer(model=_Classifier(), args=args, train_dataset=_tiny_data())

@@ -50,14 +50,20 @@ from ..groups import param_groups
 from ..optimizer import DPSAdamW
 
 
+# args.optim values that mean plain AdamW, which DPSTrainer replaces by DPSAdamW; any other
+# optimizer choice (adafactor, 8-bit, ...) is refused rather than silently ignored
+ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+
+
 def create_dps_optimizer(model, args, num_training_steps, **dps_kwargs):
     """DPSAdamW for `model` with the TrainingArguments' lr, betas, eps and weight
-    decay and T = int(stage_ratio * num_training_steps); `dps_kwargs` go to
-    DPSAdamW (sparsity, stage_ratio, variant, masked, backend). A variant="mix"
-    optimizer is attached to `model`."""
+    decay and T = int(stage_ratio * num_training_steps), unless dps_kwargs give
+    stage_steps; `dps_kwargs` go to DPSAdamW (sparsity, stage_steps or
+    stage_ratio, variant, masked, backend). A variant="mix" optimizer is
+    attached to `model`."""
+    stage = {} if "stage_steps" in dps_kwargs else {"total_steps": num_training_steps}
     optimizer = DPSAdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
-                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                         total_steps=num_training_steps, **dps_kwargs)
+                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **stage, **dps_kwargs)
     if dps_kwargs.get("variant") == "mix":
         optimizer.attach_mix(model)
     return optimizer
@@ -109,6 +115,11 @@ class DPSTrainer(Trainer):
 
     def __init__(self, *args, dps_kwargs=None, **kwargs):
         super().__init__(*args, **kwargs)
+        optim = getattr(self.args.optim, "value", self.args.optim)
+        if optim not in ADAMW_OPTIMS and kwargs.get("optimizers", (None, None))[0] is None:
+            raise ValueError(f"DPSTrainer trains with DPSAdamW, so TrainingArguments(optim={optim!r}) would be "
+                             f"ignored: leave optim at an AdamW value ({', '.join(ADAMW_OPTIMS)}), or use a plain "
+                             "Trainer for another optimizer")
         self.dps_kwargs = dict(dps_kwargs or {})
         self._dps_num_training_steps = None
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
