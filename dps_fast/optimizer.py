@@ -465,6 +465,7 @@ class DPSAdamW(Optimizer):
 
     # ----- gradient clipping ------------------------------------------------------
 
+    @torch.compiler.disable  # as step(): it reads the schedule, which changes every step
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False):
         """Clip the gradients the next step() applies (masked in exploitation
         stages) to total norm `max_norm`, as published code does after masking
@@ -518,6 +519,7 @@ class DPSAdamW(Optimizer):
 
     # ----- the step ---------------------------------------------------------------
 
+    @torch.compiler.disable  # see README, "torch.compile": the step is fused kernels plus host bookkeeping
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step. Everything is validated before anything changes.
@@ -599,8 +601,9 @@ class DPSAdamW(Optimizer):
         if managed and explore and group["variant"] == "mix":
             mix.accumulate_counts(self, params, stage)
         beta1, beta2 = (float(b) for b in group["betas"])
-        hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                     weight_decay=float(group["weight_decay"]))
+        lr = group["lr"]  # a tensor lr stays one: the reference then rounds as torch.optim.AdamW does
+        hyper = dict(lr=lr.reshape(()) if isinstance(lr, torch.Tensor) else float(lr), beta1=beta1, beta2=beta2,
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
         for device, on_device in _by_device(params).items():
             hyper["grad_coef"] = clip_coef
             if group["maximize"]:  # -g (the sign is exact; a score g*g does not see it)

@@ -80,7 +80,7 @@ def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, b
     if not params:
         return
     param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
     if scores is not None:
         mode = EXPLORE

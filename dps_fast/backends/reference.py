@@ -32,6 +32,8 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
            inv_scale=None, found_inf=None):
     """Update every tensor of one group in place.
 
+    lr: a float, or a 0-dim tensor (rounded as torch.optim.AdamW rounds a tensor lr).
+
     steps: the bias-correction step of each tensor, already advanced.
     grad_coef: optional 0-dim tensor (a pending gradient-clip factor) applied to
         the gradient the update uses, not to the one that is scored.

@@ -384,6 +384,7 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
     live = [i for i, param in enumerate(params) if param.numel() and param.dtype != torch.float64]
     if not live:
         return
+    lr = float(lr)
     device = params[live[0]].device
     mask_mode = (NO_MASK if masks is None else MASK_FREEZE if freeze else MASK_GRAD).value
     hyper = dict(decay=1 - lr * weight_decay, lerp_weight=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
