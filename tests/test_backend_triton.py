@@ -162,3 +162,37 @@ def test_update_of_only_empty_tensors_is_a_no_op():
     empty = [torch.zeros(0, device=DEVICE)]
     triton_backend.update(empty, empty, empty, empty, [1], **HYPER)
     assert triton_backend.select_masks(empty, 0.3)[0].numel() == 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # inf * 0, meant
+def test_masked_out_inf_gradient_gives_nan_as_the_reference():
+    """"grad" semantics multiply the gradient by the mask bit, as the reference and the C++
+    kernels do: an inf gradient that the mask drops is NaN (inf * 0), not 0."""
+    results = []
+    for backend in (triton_backend, reference):
+        args = _update_args("grad")
+        dropped = ~reference_mask(args["masks"][2], args["params"][2].shape)
+        args["grads"][2][dropped.nonzero()[0]] = float("inf")
+        backend.update(**args, **HYPER)
+        results.append(args["params"][2].cpu())
+    assert results[1].isnan().any()
+    torch.testing.assert_close(results[0], results[1], equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+def reference_mask(bits, shape):
+    from dps_fast import selection
+    return selection.unpack_mask(bits.cpu(), shape).to(DEVICE)
+
+
+@pytest.mark.parametrize("count", range(1, 6))
+def test_table_sections_are_16_byte_aligned_for_any_tensor_count(count):
+    """Triton specialises pointer arguments on 16-byte alignment: sections whose alignment
+    changed with the tensor count would compile a kernel per count parity."""
+    device = torch.device(DEVICE)
+    views, chunks = triton_backend._upload(device, [[i] * 7 for i in range(count)], [10] * count,
+                                           floats=[0.5] * (2 * count + 1), extra=[3] * count)
+    assert chunks == count
+    assert all(view.data_ptr() % 16 == 0 for view in views)
+    rows, owners, extra, floats = views
+    assert rows.numel() == count * (2 + 7) and owners.tolist() == list(range(count))
+    assert extra.tolist() == [3] * count and floats.tolist() == [0.5] * (2 * count + 1)
