@@ -22,6 +22,10 @@
 
 namespace dps {
 
+// The codes Python passes for these enums are dps_fast.backends.contract's Mode
+// and DType; the modules export kModeNames and kDTypeNames (dps_bindings.h) and
+// tests/test_backends_contract.py checks that the two sides agree.
+
 // What one update call does to every tensor it is given.
 enum Mode : int {
   kPlain = 0,          // AdamW (groups not managed by DPS)
@@ -32,6 +36,15 @@ enum Mode : int {
 
 // Storage dtypes of parameters and gradients (moments and scores are fp32).
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// The enums' values under the names Python gives them.
+struct NamedCode {
+  const char* name;
+  int value;
+};
+constexpr NamedCode kModeNames[] = {
+    {"PLAIN", kPlain}, {"EXPLORE", kExplore}, {"EXPLOIT_GRAD", kExploitGrad}, {"EXPLOIT_FREEZE", kExploitFreeze}};
+constexpr NamedCode kDTypeNames[] = {{"FLOAT32", kFloat32}, {"BFLOAT16", kBFloat16}, {"FLOAT16", kFloat16}};
 
 // Hyperparameters of a call, rounded to fp32 as torch rounds a Python float
 // that multiplies an fp32 tensor.

@@ -83,41 +83,41 @@ void histogram(const float* __restrict score, int64_t begin, int64_t end, const 
                uint32_t* __restrict hist) {
   // Scores crowd into few bins, so consecutive increments often hit the same
   // counter: four interleaved sub-histograms break that dependency chain.
-  uint32_t sub[4][kRadixBins];
+  uint32_t sub[4][kBins];
   memset(sub, 0, sizeof(sub));
   int64_t i = begin;
   for (; i + 4 <= end; i += 4) {
     for (int j = 0; j < 4; ++j) {
-      uint32_t key = score_key(score[i + j]);
-      if (radix_candidate(state, key)) sub[j][radix_digit(key, pass)]++;
+      uint32_t key = order_key(score[i + j]);
+      if (is_candidate(state, key)) sub[j][digit_of(key, pass)]++;
     }
   }
   for (; i < end; ++i) {
-    uint32_t key = score_key(score[i]);
-    if (radix_candidate(state, key)) sub[0][radix_digit(key, pass)]++;
+    uint32_t key = order_key(score[i]);
+    if (is_candidate(state, key)) sub[0][digit_of(key, pass)]++;
   }
-  for (int d = 0; d < kRadixBins; ++d) hist[d] += sub[0][d] + sub[1][d] + sub[2][d] + sub[3][d];
+  for (int d = 0; d < kBins; ++d) hist[d] += sub[0][d] + sub[1][d] + sub[2][d] + sub[3][d];
 }
 
 int64_t collect(const float* __restrict score, int64_t begin, int64_t end, uint32_t low, uint32_t high,
                 uint32_t* __restrict out, int64_t cap, int64_t* above) {
-  // Branch-free vector passes over 32 entries (bit masks, like mask() below);
+  // Branch-free vector passes over 32 entries (bit masks, like pack() below);
   // the rare ones in [low, high] are then picked out of their mask.
   int64_t count = 0, found = 0;
   int64_t i = begin;
   for (; i + 32 <= end; i += 32) {
     uint32_t over = 0, inside = 0;
-    for (int j = 0; j < 32; ++j) over |= (uint32_t)(score_key(score[i + j]) > high) << j;
-    for (int j = 0; j < 32; ++j) inside |= (uint32_t)(score_key(score[i + j]) - low <= high - low) << j;
+    for (int j = 0; j < 32; ++j) over |= (uint32_t)(order_key(score[i + j]) > high) << j;
+    for (int j = 0; j < 32; ++j) inside |= (uint32_t)(order_key(score[i + j]) - low <= high - low) << j;
     count += __builtin_popcount(over);
     while (inside) {
       if (found == cap) return -1;
-      out[found++] = score_key(score[i + __builtin_ctz(inside)]);
+      out[found++] = order_key(score[i + __builtin_ctz(inside)]);
       inside &= inside - 1;
     }
   }
   for (; i < end; ++i) {
-    uint32_t key = score_key(score[i]);
+    uint32_t key = order_key(score[i]);
     count += key > high;
     if (key >= low && key <= high) {
       if (found == cap) return -1;
@@ -128,16 +128,16 @@ int64_t collect(const float* __restrict score, int64_t begin, int64_t end, uint3
   return found;
 }
 
-void mask(const float* __restrict score, uint8_t* __restrict mask, int64_t begin, int64_t end, uint32_t threshold) {
+void pack(const float* __restrict score, uint8_t* __restrict mask, int64_t begin, int64_t end, uint32_t threshold) {
   int64_t i = begin;
   for (; i + 32 <= end; i += 32) {
     uint32_t word = 0;
-    for (int j = 0; j < 32; ++j) word |= (uint32_t)(score_key(score[i + j]) >= threshold) << j;
+    for (int j = 0; j < 32; ++j) word |= (uint32_t)(order_key(score[i + j]) >= threshold) << j;
     memcpy(mask + (i >> 3), &word, 4);
   }
   for (; i < end; i += 8) {  // the last partial word, byte by byte; bits past `end` stay 0
     uint32_t byte = 0;
-    for (int j = 0; j < 8 && i + j < end; ++j) byte |= (uint32_t)(score_key(score[i + j]) >= threshold) << j;
+    for (int j = 0; j < 8 && i + j < end; ++j) byte |= (uint32_t)(order_key(score[i + j]) >= threshold) << j;
     mask[i >> 3] = (uint8_t)byte;
   }
 }
@@ -184,7 +184,7 @@ double masked_sq_sum(int dtype, const void* g, const uint8_t* mask, int64_t begi
 // runs before the CPU is known to support it.
 #define DPS_STR2(x) #x
 #define DPS_STR(x) DPS_STR2(x)
-extern const Kernels kernels = {DPS_STR(DPS_ISA), update, histogram, collect, mask, masked_sq_sum};
+extern const Kernels kernels = {DPS_STR(DPS_ISA), update, histogram, collect, pack, masked_sq_sum};
 
 }  // namespace DPS_ISA
 }  // namespace cpu

@@ -1,4 +1,4 @@
-// What the CUDA kernels (kernels.cu, built by nvcc) offer the Python module
+// What the CUDA kernels (the .cu files, built by nvcc) offer the Python module
 // (module.cpp, built by the host compiler): plain C++ with no CUDA types.
 #pragma once
 #include <stdint.h>

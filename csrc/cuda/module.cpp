@@ -1,9 +1,11 @@
-// Python module dps_fast._cuda_kernels: the CUDA update and selection
-// (kernels.cu). Arguments are raw addresses, sizes and the stream as
+// Python module dps_fast._cuda_kernels: the CUDA update, masked norms and
+// selection (update.cu, norms.cu, select.cu; staging.cu: the host side of a
+// call and the device queries). Arguments are raw addresses, sizes and the stream as
 // integers, so no torch header is needed; built with the host compiler.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "../dps_bindings.h"
 #include "launch.h"
 
 namespace py = pybind11;
@@ -59,6 +61,7 @@ PYBIND11_MODULE(_cuda_kernels, m) {
   m.def("device_count", &cuda::device_count, "GPUs the runtime sees; RuntimeError saying why if none is usable.");
   m.def("host_waits", &cuda::host_waits,
         "Staging-buffer allocations, frees and event waits so far (where a call may wait for the GPU).");
+  export_codes(m);
   m.attr("archs") = DPS_CUDA_ARCHS;
   m.attr("runtime_version") = cuda::runtime_version();
 }
