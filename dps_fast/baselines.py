@@ -1,21 +1,21 @@
 """The comparison methods of the DPS paper, on DPSAdamW's own machinery.
 
-DPSAdamW does three things per managed tensor: decide the phase of a step
-(`_phase`), provide the mask of an exploitation step (`_ensure_masks`), and
-run one fused update (scored in exploration, masked in exploitation, with an
-optional gradient factor `grad_coef`). Each baseline changes only which of
-these it gets, never the update itself:
+DPSAdamW does three things per managed tensor, each an extension point:
+decide the phase of a step (`schedule_phase`), provide the masks of an
+exploitation stage (`make_masks`), and run one fused update (scored in
+exploration, masked in exploitation, its gradient times `gradient_factor`).
+Each baseline overrides only what it changes, never the update itself:
 
 - ChildTuning-F (Xu et al., EMNLP 2021, task-free): every step exploits
-  (`_phase`), with a fresh Bernoulli(q) mask per managed tensor and step
-  (`_ensure_masks`, stage length 1 so every step is its own stage), and the
-  masked gradient is multiplied by 1/q through `grad_coef`.
+  (`schedule_phase`), with a fresh Bernoulli(q) mask per managed tensor and
+  step (`make_masks`, stage length 1 so every step is its own stage), and
+  the masked gradient is multiplied by 1/q (`gradient_factor`).
 - ChildTuning-D (task-driven): every step exploits with one fixed mask per
   tensor, chosen before training by `fisher_masks` (squared gradients over
   one pass of the training data, ONE threshold over all managed tensors
   keeping the top q fraction), no rescaling.
 - Mixout (Lee et al., ICLR 2020): DPS-Mix's exploration mixing toward the
-  pre-trained weights W0 at every step (`_phase` always explores); the
+  pre-trained weights W0 at every step (`schedule_phase` always explores); the
   exploration scores are computed and never used.
 
 Managed tensors: DPS and Mixout manage what `dps_fast.param_groups` manages
@@ -63,10 +63,10 @@ class ChildTuningAdamW(DPSAdamW):
         self.mode, self.reserve = mode, reserve
         super().__init__(params, sparsity=1 - reserve, stage_steps=1, variant="dense", **kwargs)
 
-    def _phase(self, group, step):
+    def schedule_phase(self, group, step):
         return EXPLOIT
 
-    def _ensure_masks(self, group, params, stage):
+    def make_masks(self, group, params, stage):
         if self.mode == "D":  # fixed masks, set by set_masks: current at every step
             for param in params:
                 if "mask" in self.state[param]:
@@ -79,16 +79,13 @@ class ChildTuningAdamW(DPSAdamW):
                 state["mask"] = selection.pack_mask(keep)
                 state["mask_stage"] = stage
 
-    def _step_group(self, group, params, clip_coef, scaled=None):
-        if self.mode == "F" and group["dps"] and params:
-            rescale = torch.tensor(1 / self.reserve, device=params[0].device)
-            clip_coef = rescale if clip_coef is None else clip_coef * rescale
-        super()._step_group(group, params, clip_coef, scaled)
+    def gradient_factor(self, group):
+        return 1 / self.reserve if self.mode == "F" and group["dps"] else None
 
     def set_masks(self, masks):
         """Fix the mask of each managed param: `masks` maps param -> bool tensor."""
         for param, mask in masks.items():
-            group = self._group_of(param)
+            group = self.group_of(param)
             if not group["dps"]:
                 raise ValueError("set_masks: a param that is not managed (its group has dps=False)")
             if mask.shape != param.shape or mask.dtype != torch.bool:
@@ -104,7 +101,7 @@ class MixoutAdamW(DPSAdamW):
     def __init__(self, params, mix_prob=0.3, **kwargs):
         super().__init__(params, sparsity=mix_prob, stage_steps=1, variant="mix", **kwargs)
 
-    def _phase(self, group, step):
+    def schedule_phase(self, group, step):
         return EXPLORE
 
 

@@ -48,6 +48,11 @@ def local(tensor):
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+def local_all(tensors):
+    """[local(t) for t in tensors], checked once for the list (the common case: no DTensor)."""
+    return [local(t) for t in tensors] if any(map(is_dtensor, tensors)) else list(tensors)
+
+
 def check_group(group):
     """Raise ValueError if param group `group` (with the defaults filled in) asks
     for something DTensor parameters do not support."""

@@ -60,21 +60,23 @@ def is_mixed(group):
 
 def mixed(optimizer, param):
     """The tensor a mixed module computes with in place of `param`."""
-    group = optimizer._group_of(param, required=False)
+    group = optimizer.group_of(param, required=False)
     if param is None or group is None or not is_mixed(group):
         return param
     state = optimizer.state[param]
     sparsity = group["sparsity"]
-    if optimizer._upcoming(group, with_stage=False)[0] == EXPLORE:
+    # the phase first, the stage only when exploiting: asking for the stage at a stage boundary
+    # reads a GradScaler's found_inf, and with Mixout every step is a new stage (dps_fast.amp)
+    if optimizer.upcoming(group, with_stage=False).phase == EXPLORE:
         shape = param.shape[-1:] if param.dim() == 2 else param.shape
         keep = torch.empty(shape, dtype=param.dtype, device=param.device).bernoulli_(1 - sparsity)
         return _Mix.apply(param, state["mix_init"], keep, sparsity, state, True)
-    stage = optimizer._upcoming(group)[1]
+    stage = optimizer.upcoming(group).stage
     if state.get("snapshot_stage") != stage:
         state["mix_snapshot"] = param.detach().clone()
         state["snapshot_stage"] = stage
-    optimizer._ensure_masks(group, [param], stage)
-    bits = optimizer._current_mask(param, stage)
+    optimizer.make_masks(group, [param], stage)
+    bits = optimizer.stage_mask(param, stage)
     if bits is None:  # not scored in the stage before: update densely, like the optimizer does
         keep = torch.ones_like(param)
     else:

@@ -15,11 +15,9 @@ import operator
 import torch
 
 from .. import param_state, selection
-from . import reference
+from . import contract, reference
 
-# csrc/dps_math.h: enum Mode and enum DType
-PLAIN, EXPLORE, EXPLOIT_GRAD, EXPLOIT_FREEZE = range(4)
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = contract.TORCH_DTYPES  # the parameter dtypes the kernels take
 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
@@ -82,12 +80,7 @@ def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, b
     param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
     hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
-    if scores is not None:
-        mode = EXPLORE
-    elif masks is not None:
-        mode = EXPLOIT_FREEZE if freeze else EXPLOIT_GRAD
-    else:
-        mode = PLAIN
+    mode = contract.mode_of(scores, masks, freeze)
     state_lists = [exp_avgs, exp_avg_sqs] + [t for t in (scores, masks) if t is not None]
     by_dtype, others = _split(params, grads, state_lists)
     for dtype, indices in by_dtype.items():
@@ -97,11 +90,11 @@ def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, b
             pick = lambda values: [values[i] for i in indices]  # noqa: E731
         lists = [list(map(_data_ptr, pick(params))), list(map(_data_ptr, pick(grads))),
                  list(map(_data_ptr, pick(exp_avgs))), list(map(_data_ptr, pick(exp_avg_sqs))),
-                 list(map(_data_ptr, pick(scores))) if mode == EXPLORE else [],
-                 list(map(_data_ptr, pick(masks))) if mode in (EXPLOIT_GRAD, EXPLOIT_FREEZE) else [],
+                 list(map(_data_ptr, pick(scores))) if scores is not None else [],
+                 list(map(_data_ptr, pick(masks))) if masks is not None and scores is None else [],
                  list(map(_numel, pick(params))), pick(steps),
-                 pick(reset_scores) if mode == EXPLORE else []]
-        launch(mode, DTYPE_CODES[dtype], lists, hyper, [0 if s is None else s.data_ptr() for s in scalars])
+                 pick(reset_scores) if scores is not None else []]
+        launch(int(mode), int(DTYPE_CODES[dtype]), lists, hyper, [0 if s is None else s.data_ptr() for s in scalars])
     if others:
         pick = lambda values: None if values is None else [values[i] for i in others]  # noqa: E731
         reference.update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), **hyper,
@@ -122,7 +115,7 @@ def masked_norms(launch, grads, masks):
         else:
             norms[i] = reference.masked_norms([grad], [masks[i]])[0]
     for dtype, indices in by_dtype.items():
-        squares = launch(DTYPE_CODES[dtype], [grads[i].data_ptr() for i in indices],
+        squares = launch(int(DTYPE_CODES[dtype]), [grads[i].data_ptr() for i in indices],
                          [masks[i].data_ptr() for i in indices], [grads[i].numel() for i in indices])
         for i, norm in zip(indices, torch.as_tensor(squares, dtype=torch.float64).sqrt().float()):
             norms[i] = norm

@@ -1,0 +1,86 @@
+"""DPSAdamW's state dicts: what state_dict() leaves out and how load_state_dict()
+checks, converts and migrates what it is given (DPSAdamW's methods call these).
+
+A load builds the whole new state before anything changes, so a failed load
+leaves the optimizer as it was. Each entry goes through param_state.adopt
+(fits its parameter, or is converted losslessly, or is a ValueError naming
+the parameter and the key). A torch.optim.AdamW group (one without
+"dps_step") migrates: its hyperparameters, moments and steps are taken, the
+current group's DPS settings kept, and the DPS schedule starts at the next step.
+"""
+import copy
+from collections import defaultdict
+
+import torch
+
+from . import distributed, options, param_state
+
+# Group keys a torch.optim.AdamW state dict lacks; migrating one keeps them from the current groups.
+DPS_KEYS = ("dps", "sparsity", "stage_steps", "stage_ratio", "variant", "masked")
+
+
+def saved(optimizer, state_dict):
+    """`state_dict` (from Optimizer.state_dict) less the per-shard masks of DTensor
+    parameters (selected again after loading: dps_fast.distributed)."""
+    seen = set()
+    for index, param in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        if id(param) not in seen and distributed.is_dtensor(param) and index in state_dict["state"]:
+            state_dict["state"][index] = distributed.state_to_save(param, state_dict["state"][index])
+        seen.add(id(param))
+    return state_dict
+
+
+def loaded(optimizer, state_dict):
+    """(state, param_groups) that `optimizer` takes from `state_dict`, checked and
+    converted; raises ValueError, changing nothing, where an entry cannot fit."""
+    saved_groups = copy.deepcopy(state_dict["param_groups"])
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(optimizer.param_groups, saved_groups)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                         "optimizer's group")
+    groups = [_group(optimizer, i, group, saved_group)
+              for i, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved_groups))]
+    owner = {}  # saved id -> (param, the saved group, its name)
+    for i, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+        for j, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"])):
+            owner[saved_id] = (param, saved_group, f"param_groups[{i}]['params'][{j}]")
+    state = defaultdict(dict)
+    for key, entry in state_dict["state"].items():
+        if key not in owner:
+            state[key] = entry  # state not assigned to a parameter is kept as it is, as torch does
+            continue
+        param, saved_group, where = owner[key]
+        if distributed.is_dtensor(param):  # its shards may be views of the state dict's tensors: copies
+            entry = distributed.loaded_state(param, {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                     for k, v in entry.items()})
+        entry = {name: param_state.adopt(param, name, value, where) for name, value in entry.items()}
+        if "schedule_start" not in saved_group:  # tags of an older dps_fast: stage numbers, now first steps
+            stage_steps = saved_group.get("stage_steps") or 1
+            entry.update({tag: (entry[tag] - 1) * stage_steps + 1 for tag in param_state.TAGS if tag in entry})
+        state[param] = entry
+    return state, groups
+
+
+def _group(optimizer, index, group, saved_group):
+    """The param group `group` becomes when loading `saved_group` (hyperparameters from
+    it, as torch does), checked; a torch.optim.AdamW group migrates."""
+    where = f"loaded param group {index}: "
+    new = {**saved_group, "params": group["params"]}
+    if "param_names" in group and "param_names" not in saved_group:
+        new["param_names"] = group["param_names"]
+    if "dps_step" not in saved_group:  # torch.optim.AdamW's (or another dps-less) group
+        if "lr" not in saved_group or "betas" not in saved_group:
+            raise ValueError(f"{where}neither DPSAdamW's nor torch.optim.AdamW's (no lr or betas)")
+        if not saved_group.get("decoupled_weight_decay", True) and saved_group.get("weight_decay", 0):
+            raise ValueError(f"{where}a torch.optim.Adam group with L2 weight_decay; DPSAdamW decouples "
+                             "weight decay as AdamW does: migrate from torch.optim.AdamW, or set weight_decay=0")
+        new.pop("decoupled_weight_decay", None)
+        new.update({key: group[key] for key in DPS_KEYS})
+        new.update(dps_step=0, schedule_start=0, schedule_stage_steps=group["stage_steps"])
+    for key, value in optimizer.defaults.items():
+        new.setdefault(key, value)
+    new.setdefault("schedule_start", 0)
+    new.setdefault("schedule_stage_steps", new["stage_steps"])
+    options.check_group(new, optimizer.backend, where)
+    return new

@@ -1,0 +1,60 @@
+"""The DPS step as a function of tensors, as torch.optim.adamw.adamw() is AdamW's.
+
+DPSAdamW (validation, state, schedule) calls `dps_adamw` once per param group
+and device with the group's tensors, its hyperparameters and what the step
+does (`phase`, and in exploitation the masks); the update itself is one or two
+calls of a backend (the contract: dps_fast.backends.contract.Backend).
+"""
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import distributed
+from .schedule import EXPLOIT, EXPLORE
+
+PLAIN = "plain"  # the step of a group not managed by DPS (EXPLORE and EXPLOIT: the schedule's phases)
+
+
+def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+              exp_avg_sqs: List[torch.Tensor], steps: Sequence[int], *, backend, phase: str, lr, beta1: float,
+              beta2: float, eps: float, weight_decay: float, scores: Optional[List[torch.Tensor]] = None,
+              reset_scores: Optional[Sequence[bool]] = None, masks: Optional[List[Optional[torch.Tensor]]] = None,
+              freeze: bool = False, grad_coef: Optional[torch.Tensor] = None,
+              inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+    """One AdamW step of tensors on one device, in place, as DPS's `phase` asks:
+
+    - PLAIN: AdamW (a group not managed by DPS);
+    - EXPLORE: AdamW, and each score := g*g where reset_scores[i], else += g*g;
+    - EXPLOIT: masks[i] (packed, dps_fast.selection) selects the entries updated
+      ("grad": the others get a zero gradient; freeze: they are left as they
+      are); a tensor whose mask is None (no score from the stage before) is
+      updated densely.
+
+    steps: each tensor's bias-correction step, already advanced. lr: a float
+    or a 0-dim tensor. grad_coef: a 0-dim factor on the gradient the update
+    uses, after scoring (clip, maximize's sign). inv_scale / found_inf: a
+    GradScaler's, on the device (dps_fast.amp). DTensors update their local shards.
+    """
+    if any(map(distributed.is_dtensor, params)):  # the one place the update sees DTensors' shards
+        params, grads, exp_avgs, exp_avg_sqs = map(distributed.local_all, (params, grads, exp_avgs, exp_avg_sqs))
+        scores = None if scores is None else distributed.local_all(scores)
+    lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_coef=grad_coef,
+                 inv_scale=inv_scale, found_inf=found_inf)
+    if phase == EXPLORE:
+        backend.update(**lists, **hyper, scores=scores, reset_scores=reset_scores)
+    elif phase == EXPLOIT:
+        masked = [i for i, m in enumerate(masks) if m is not None]
+        dense = [i for i, m in enumerate(masks) if m is None]
+        if masked:
+            backend.update(**_pick(lists, masked), **hyper, masks=[masks[i] for i in masked], freeze=freeze)
+        if dense:
+            backend.update(**_pick(lists, dense), **hyper)
+    elif phase == PLAIN:
+        backend.update(**lists, **hyper)
+    else:
+        raise ValueError(f"phase must be one of {PLAIN!r}, {EXPLORE!r}, {EXPLOIT!r}; got {phase!r}")
+
+
+def _pick(lists, indices):
+    return {name: [values[i] for i in indices] for name, values in lists.items()}

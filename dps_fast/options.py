@@ -1,0 +1,119 @@
+"""DPSAdamW's arguments: what each may be, checked before anything changes.
+
+Every check raises ValueError (or TypeError) naming the argument, the group it
+belongs to and the allowed values. DPSAdamW runs check_group on the defaults,
+on every group it is given, on loaded groups, and on every group at each step
+(a value set by hand in param_groups is checked too).
+"""
+import numbers
+
+import torch
+
+from .schedule import stage_steps_from
+
+VARIANTS = ("dense", "mix")
+MASKED = ("grad", "freeze")
+
+
+def _real(value, name, where):
+    """`value` as a float: a real number or a 1-element tensor (as torch accepts lr)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{where}{name} as a tensor must have 1 element; got shape {tuple(value.shape)}")
+        return float(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{where}{name} must be a real number; got {value!r}")
+    return float(value)
+
+
+def check_group(group, backend, where=""):
+    """Raise ValueError/TypeError naming the first invalid setting of `group` (a param
+    group with the defaults filled in); `where` prefixes the message (e.g. "param group 1: ")."""
+    for name in ("lr", "eps", "weight_decay"):
+        if not _real(group[name], name, where) >= 0:
+            raise ValueError(f"{where}{name} must be a real number >= 0; got {group[name]!r}")
+    betas = group["betas"]
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(0 <= _real(b, "betas", where) < 1 for b in betas)):
+        raise ValueError(f"{where}betas must be a pair of numbers in [0, 1); got {betas!r}")
+    for name in ("maximize", "amsgrad", "capturable", "differentiable", "dps"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{where}{name} must be True or False; got {group[name]!r}")
+    for name in ("foreach", "fused"):
+        if group[name] not in (None, True, False):
+            raise TypeError(f"{where}{name} must be None, True or False; got {group[name]!r}")
+    for name, why in UNSUPPORTED.items():
+        if group[name]:
+            raise ValueError(f"{where}{name}=True is not supported by DPSAdamW: {why}")
+    if group["fused"] and group["foreach"]:
+        raise ValueError(f"{where}`fused` and `foreach` cannot be `True` together.")
+    kind = implementation(group)
+    if kind == "fused" and backend == "torch":
+        raise ValueError(f"{where}fused=True / foreach=True ask for a multi-tensor kernel, and backend='torch' is "
+                         "the per-tensor pure-PyTorch loop: use backend='auto' (or 'cpu', 'cuda', 'triton')")
+    if kind == "unfused" and backend not in ("auto", "torch"):
+        raise ValueError(f"{where}fused=False / foreach=False ask for the per-tensor loop, which is "
+                         f"backend='torch', not backend={backend!r}")
+    if not group["dps"]:
+        return
+    sparsity = group["sparsity"]
+    if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+        raise ValueError(f"{where}sparsity must be a number in [0, 1); got {sparsity!r}")
+    stage_steps = group["stage_steps"]
+    if stage_steps is None:
+        raise ValueError(f"{where}stage length missing: give stage_steps (an integer >= 1) or total_steps "
+                         "(T = int(total_steps * stage_ratio)), to the optimizer or to this group")
+    if not isinstance(stage_steps, numbers.Integral) or isinstance(stage_steps, bool) or stage_steps < 1:
+        raise ValueError(f"{where}stage_steps must be an integer >= 1; got {stage_steps!r}")
+    if group["variant"] not in VARIANTS:
+        raise ValueError(f"{where}variant must be one of {VARIANTS}; got {group['variant']!r}")
+    if group["masked"] not in MASKED:
+        raise ValueError(f"{where}masked must be one of {MASKED}; got {group['masked']!r}")
+
+
+# torch.optim.AdamW options DPSAdamW does not implement, and why (each must be False).
+UNSUPPORTED = {
+    "amsgrad": "DPS's published update is AdamW without AMSGrad; use torch.optim.AdamW(amsgrad=True)",
+    "capturable": "the kernels' tables are staged from host memory at each step, so a step cannot be "
+                  "captured in a CUDA graph; use capturable=False",
+    "differentiable": "the step updates in place under torch.no_grad(); use torch.optim.AdamW(differentiable=True)",
+}
+
+
+def implementation(group):
+    """"fused" (a multi-tensor kernel), "unfused" (the per-tensor loop) or None (any),
+    from torch's fused / foreach flags of `group`."""
+    if group["fused"] or group["foreach"]:
+        return "fused"
+    if group["fused"] is False or group["foreach"] is False:
+        return "unfused"
+    return None
+
+
+def check_params(params):
+    for param in params:
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"params must be tensors or (name, tensor) pairs; got {type(param).__name__}")
+        if param.is_complex():
+            raise TypeError(f"params must be real floating-point tensors; got a {param.dtype} tensor")
+        if not param.is_floating_point():
+            raise TypeError(f"params must be floating-point tensors; got a {param.dtype} tensor")
+
+
+def stage_steps(stage_steps, total_steps, stage_ratio, where=""):
+    """T from stage_steps, or from total_steps * stage_ratio as published; None if neither is given."""
+    if stage_steps is not None:
+        if total_steps is not None:
+            raise ValueError(f"{where}give either stage_steps or total_steps (with stage_ratio), not both")
+        return stage_steps
+    if total_steps is None:
+        return None
+    if not isinstance(total_steps, numbers.Integral) or isinstance(total_steps, bool) or total_steps < 1:
+        raise ValueError(f"{where}total_steps must be an integer >= 1; got {total_steps!r}")
+    if not isinstance(stage_ratio, numbers.Real) or not 0 < stage_ratio <= 1:
+        raise ValueError(f"{where}stage_ratio must be a number in (0, 1]; got {stage_ratio!r}")
+    length = stage_steps_from(total_steps, stage_ratio)
+    if length < 1:
+        raise ValueError(f"{where}stage_steps = int(total_steps * stage_ratio) = int({total_steps} * {stage_ratio}) "
+                         "= 0; give more total_steps, a larger stage_ratio, or stage_steps directly")
+    return length
