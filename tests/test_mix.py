@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dps_fast import DPSAdamW, param_groups
+from training import batch, tiny_model
 
 
 class _Attention(nn.Module):
@@ -91,4 +92,44 @@ def test_tensors_it_cannot_mix_are_named():
     opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
     with pytest.raises(ValueError, match=r"nn\.Linear and nn\.MultiheadAttention.*transformer\.h\.0\.attn\.c_attn"
                                          r"\.weight.*variant='dense'"):
+        opt.attach_mix(model)
+
+
+def test_mix_eval_uses_raw_weights_and_train_mixes():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix", sparsity=0.5)
+    tokens, _ = batch(0)
+    model.eval()
+    with torch.no_grad():
+        plain = model(tokens)
+    handle = opt.attach_mix(model)  # W0 captured here
+    with torch.no_grad():
+        for group in opt.param_groups[:1]:
+            for param in group["params"]:
+                param.mul_(1.5)  # W moves away from W0, so mixing toward W0 shows
+        model.eval()
+        plain = model(tokens)
+        assert torch.equal(model(tokens), plain)  # eval: W itself
+        model.train()
+        assert not torch.allclose(model(tokens), plain)  # train: random mixing
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain)
+
+
+def test_mix_requires_attach():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
+    tokens, labels = batch(0)
+    F.cross_entropy(model(tokens), labels).backward()
+    with pytest.raises(RuntimeError, match="attach_mix"):
+        opt.step()
+    assert opt.param_groups[0]["dps_step"] == 0 and not opt.state
+
+
+def test_mix_attach_twice_raises():
+    model = tiny_model()
+    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
+    opt.attach_mix(model)
+    with pytest.raises(RuntimeError, match="attached twice"):
         opt.attach_mix(model)

@@ -1,70 +1,16 @@
-"""DPSAdamW's torch.optim contract and its semantics beyond the parity tests."""
+"""DPSAdamW's semantics beyond the parity tests: equality with AdamW where DPS does
+nothing, masked updates, resume, clipping, bad input. (The torch.optim contract on
+every backend: test_contract.py; schedule, amp, mix, groups: their own test files.)"""
 import io
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dps_fast import DPSAdamW, amp, backends, param_groups
-from dps_fast.tiny import TinyEncoder
-from dps_fast.schedule import phase_of, stage_of
-from scaler_checks import assert_sync_free_matches_host_synced
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
-
-
-def batch(step, size=8):
-    generator = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, 16, (size, 8), generator=generator)
-    return tokens, (tokens[:, 0] > 7).long()
-
-
-def train_step(model, opt, step, clip=None):
-    tokens, labels = batch(step)
-    loss = F.cross_entropy(model(tokens), labels)
-    opt.zero_grad()
-    loss.backward()
-    if clip is not None:
-        opt.clip_grad_norm_(clip)
-    opt.step()
-    return loss
-
-
-# ----- schedule ------------------------------------------------------------------
-
-def test_stage_arithmetic_matches_spec_example():
-    # T = 23: steps 1-23 explore, 24-46 exploit, 47-69 explore
-    assert [stage_of(s, 23) for s in (1, 23, 24, 46, 47, 69, 70)] == [1, 1, 2, 2, 3, 3, 4]
-    assert [phase_of(s, 23) for s in (1, 23, 24, 46, 47)] == ["explore"] * 2 + ["exploit"] * 2 + ["explore"]
-
-
-def test_stage_steps_from_total_steps():
-    param = nn.Parameter(torch.zeros(3))
-    assert DPSAdamW([param], total_steps=468, stage_ratio=0.05).param_groups[0]["stage_steps"] == 23
-
-
-def test_phase_and_mask_follow_optimizer_steps():
-    model = tiny_model()
-    opt = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2)
-    weight = model.pooler.weight
-    phases = []
-    for step in range(1, 8):
-        phases.append(opt.phase)
-        train_step(model, opt, step)
-        if step < 3:
-            assert opt.mask(weight) is None
-        else:
-            mask = opt.mask(weight)
-            assert mask.shape == weight.shape and mask.dtype == torch.bool
-            assert mask.sum() >= math.ceil(weight.numel() * 0.7)
-    assert phases == ["explore", "explore", "exploit", "exploit", "explore", "explore", "exploit"]
-    assert opt.mask(model.pooler.bias) is None  # unmanaged
+from dps_fast import DPSAdamW, backends, param_groups
+from training import batch, tiny_model, train_step
 
 
 # ----- equal to AdamW where DPS does nothing --------------------------------------
@@ -257,98 +203,6 @@ def test_zero_grad():
     assert param.grad is None
 
 
-def test_grad_scaler_inf_step_changes_nothing():
-    model = tiny_model()
-    opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    for step in range(1, 5):
-        tokens, labels = batch(step)
-        opt.zero_grad()
-        scaler.scale(F.cross_entropy(model(tokens), labels)).backward()
-        if step == 3:  # first exploitation step gets an inf
-            model.pooler.weight.grad[0, 0] = float("inf")
-            params = [p.detach().clone() for p in model.parameters()]
-            state = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-                     for p, s in opt.state.items()}
-            steps = [g["dps_step"] for g in opt.param_groups]
-        scaler.unscale_(opt)
-        opt.clip_grad_norm_(1.0)
-        scaler.step(opt)
-        scaler.update()
-        if step == 3:
-            saved = opt.state_dict()  # reads the step's found_inf (dps_fast.amp)
-            assert [g["dps_step"] for g in saved["param_groups"]] == steps
-            assert [g["dps_step"] for g in opt.param_groups] == steps
-            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
-            for param in opt.state:
-                saved, now = state[id(param)], opt.state[param]
-                # the mask may have been selected (from unchanged scores) for clipping; nothing else moved
-                assert set(now) - set(saved) <= {"mask", "mask_stage"}
-                for key, value in saved.items():
-                    same = torch.equal(value, now[key]) if isinstance(value, torch.Tensor) else value == now[key]
-                    assert same, key
-    assert opt.param_groups[0]["dps_step"] == 3
-
-
-def test_grad_scaler_skipped_first_step_leaves_no_state():
-    param = nn.Parameter(torch.ones(4))
-    opt = DPSAdamW([param], stage_steps=2)
-    scaler = torch.amp.GradScaler("cpu")
-    param.grad = scaler.scale(torch.tensor([1.0, float("inf"), 0.0, 0.0]))
-    scaler.step(opt)
-    saved = opt.state_dict()
-    assert saved["state"] == {} and saved["param_groups"][0]["dps_step"] == 0 and not opt.state
-    assert torch.equal(param, torch.ones(4))
-
-
-def test_grad_scaler_step_without_gradients_is_a_plain_step():
-    param = nn.Parameter(torch.ones(4))
-    opt = DPSAdamW([param], stage_steps=2)
-    scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(torch.ones(()))  # the scale exists, but no parameter has a gradient
-    scaler.step(opt)  # as opt.step() with no gradients: nothing to update
-    assert torch.equal(param, torch.ones(4)) and not opt.state_dict()["state"]
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("variant,masked,clip", [("dense", "grad", None), ("dense", "freeze", 0.5),
-                                                  ("mix", "grad", 0.5), ("mix", "freeze", None)])
-def test_grad_scaler_sync_free_path_equals_host_synced_path(backend, variant, masked, clip):
-    assert_sync_free_matches_host_synced(backend, variant=variant, masked=masked, clip=clip)
-
-
-@pytest.mark.parametrize("variant", ["dense", "mix"])
-def test_grad_scaler_found_inf_is_read_at_the_next_step_or_at_a_stage_boundary(monkeypatch, variant):
-    """Where the host reads a step's found_inf: in the next step(), or earlier
-    only when a schedule query (the clip's masks, DPS-Mix's forward) would
-    differ had the step been skipped, i.e. when the next step starts a stage."""
-    reads, where = [], ["forward"]
-    skipped = amp.ScaledStep.skipped
-    monkeypatch.setattr(amp.ScaledStep, "skipped", lambda self: reads.append(where[0]) or skipped(self))
-    model = tiny_model()
-    opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=3, variant=variant)
-    if variant == "mix":
-        opt.attach_mix(model)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    for step in range(1, 11):
-        tokens, labels = batch(step)
-        opt.zero_grad()
-        where[0] = "forward"
-        loss = F.cross_entropy(model(tokens), labels)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        where[0] = "clip"
-        opt.clip_grad_norm_(1.0)
-        where[0] = "step"
-        scaler.step(opt)
-        scaler.update()
-    first_of_stage = "forward" if variant == "mix" else "clip"
-    assert reads == [first_of_stage if step in (4, 7, 10) else "step" for step in range(2, 11)]
-    where[0] = "state_dict"
-    assert opt.state_dict()["param_groups"][0]["dps_step"] == 10
-    assert reads[-1] == "state_dict" and len(reads) == 10  # the last step's found_inf, read for the state_dict
-
-
 # ----- clipping ------------------------------------------------------------------
 
 def test_clip_grad_norm_clips_the_masked_gradient_and_scores_the_raw_one():
@@ -376,50 +230,6 @@ def test_clip_is_dropped_when_gradients_change_after_it():
         opt.step()
     torch.testing.assert_close(opt.state[param]["exp_avg"], torch.full((4,), 2.0))
 
-
-# ----- DPS-Mix specifics -----------------------------------------------------------
-
-def test_mix_eval_uses_raw_weights_and_train_mixes():
-    model = tiny_model()
-    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix", sparsity=0.5)
-    tokens, _ = batch(0)
-    model.eval()
-    with torch.no_grad():
-        plain = model(tokens)
-    handle = opt.attach_mix(model)  # W0 captured here
-    with torch.no_grad():
-        for group in opt.param_groups[:1]:
-            for param in group["params"]:
-                param.mul_(1.5)  # W moves away from W0, so mixing toward W0 shows
-        model.eval()
-        plain = model(tokens)
-        assert torch.equal(model(tokens), plain)  # eval: W itself
-        model.train()
-        assert not torch.allclose(model(tokens), plain)  # train: random mixing
-    handle.remove()
-    with torch.no_grad():
-        assert torch.equal(model(tokens), plain)
-
-
-def test_mix_requires_attach():
-    model = tiny_model()
-    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
-    tokens, labels = batch(0)
-    F.cross_entropy(model(tokens), labels).backward()
-    with pytest.raises(RuntimeError, match="attach_mix"):
-        opt.step()
-    assert opt.param_groups[0]["dps_step"] == 0 and not opt.state
-
-
-def test_mix_attach_twice_raises():
-    model = tiny_model()
-    opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
-    opt.attach_mix(model)
-    with pytest.raises(RuntimeError, match="attached twice"):
-        opt.attach_mix(model)
-
-
-# ----- param_groups ----------------------------------------------------------------
 
 # ----- bad input ---------------------------------------------------------------------
 
@@ -535,16 +345,3 @@ def test_a_parameter_replaced_in_place_is_found():
     with pytest.raises(ValueError, match="not a parameter of this optimizer"):
         opt.mask(old)
 
-
-def test_a_new_stage_length_starts_a_new_schedule():
-    param = _param()
-    opt = DPSAdamW([param], stage_steps=2, backend="torch")
-    phases = []
-    for step in range(8):
-        if step == 3:  # mid-exploitation (steps 3-4)
-            opt.param_groups[0]["stage_steps"] = 1
-        phases.append(opt.phase)
-        param.grad = torch.ones(3)
-        opt.step()
-    # the new schedule begins after the 3 steps taken: explore (4), exploit (5), explore (6), ...
-    assert phases == ["explore", "explore", "exploit", "explore", "exploit", "explore", "exploit", "explore"]
