@@ -136,20 +136,19 @@ def test_fit_applies_masks_in_exploitation_stages(precision, masked, tmp_path):
 
 
 class ClipRecorder(Tiny):
-    """Tiny that records, after the mixin's clip, the gradients, masks and the clip factor of each step."""
+    """Tiny that records, after the mixin's clip, each step's gradients, masks and the norm it clipped."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.clips = []
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        norm = super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         exploit = optimizer.phase == "exploit"
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self.clips.append(dict(
-            exploit=exploit, grads=[p.grad.clone() for p in params],
-            masks=[optimizer.mask(p) if exploit else None for p in params],  # selected by the clip if new
-            coef=None if optimizer._pending_clip is None else optimizer._pending_clip[0].item()))
+            exploit=exploit, norm=norm, grads=[p.grad.clone() for p in params],
+            masks=[optimizer.mask(p) if exploit else None for p in params]))  # selected by the clip if new
 
 
 def _hand_loop(precision, batches, epochs, clip, clip_fn, **dps_kwargs):
@@ -202,8 +201,8 @@ def test_gradient_clip_val_clips_the_masked_gradients(precision, tmp_path):
         masked = torch.stack([(g if m is None else g * m).float().norm() for g, m in
                               zip(record["grads"], record["masks"])]).norm()
         unmasked = torch.stack([g.float().norm() for g in record["grads"]]).norm()
-        assert record["coef"] == pytest.approx(min(1.0, clip / (masked.item() + 1e-6)), rel=1e-5)
-        assert record["coef"] < 1.0  # the clip is active at every step
+        torch.testing.assert_close(record["norm"], masked, rtol=1e-5, atol=0)
+        assert record["norm"] > clip  # the clip is active at every step
         if record["exploit"]:  # and torch's clip (of the unmasked norm) would differ
             assert sum(m is not None for m in record["masks"]) == len(opt.param_groups[0]["params"])
             assert unmasked > 1.01 * masked
@@ -400,6 +399,25 @@ def test_create_dps_optimizer_warns_without_the_mixin():
         tiny = Tiny(stage_steps=2)
         tiny.trainer = L.Trainer(max_steps=8, gradient_clip_val=1.0, logger=False, enable_progress_bar=False)
         tiny.configure_optimizers()
+
+
+def test_mixin_leaves_other_optimizers_to_lightning(tmp_path):
+    """With a torch.optim.AdamW the mixin clips as Lightning does: torch's clip of every gradient."""
+
+    class WithAdamW(Tiny):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+    clip, module = 0.05, WithAdamW()
+    _trainer("32-true", tmp_path, max_epochs=1, gradient_clip_val=clip).fit(module, _loader(3))
+    net = Tiny().net
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for tokens, labels in _loader(3):
+        opt.zero_grad()
+        F.cross_entropy(net(tokens), labels).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.step()
+    _assert_same_params(module.net, net)
 
 
 def test_mixin_before_lightning_module():

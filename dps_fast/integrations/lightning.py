@@ -192,8 +192,8 @@ class DPSLightningModule:
 
     Its `configure_gradient_clipping` clips a DPSAdamW's gradients with
     `clip_gradients` (the masked norm, unscaled under "16-mixed") at the
-    Trainer's `gradient_clip_val`; other optimizers get Lightning's own
-    clipping. Override it and call `clip_gradients(self, optimizer, ...)`
+    Trainer's `gradient_clip_val`, and returns what it returns (Lightning
+    ignores it); other optimizers get Lightning's own clipping. Override it and call `clip_gradients(self, optimizer, ...)`
     for other limits."""
 
     def __init_subclass__(cls, **kwargs):
@@ -210,4 +210,4 @@ class DPSLightningModule:
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if _dps_of(optimizer) is None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        return clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # the norm, or None
