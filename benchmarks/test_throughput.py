@@ -54,8 +54,8 @@ def test_throughput(benchmark, case, workloads):
             torch.cuda.synchronize(device)
 
     benchmark.group = f"{case.device} {case.section}"
-    benchmark.extra_info.update(entries=prepared.entries, bytes=prepared.bytes_moved,
-                                state_bytes_per_param=(prepared.state_bytes / prepared.params
+    benchmark.extra_info.update(entries=prepared.timed_params, bytes=prepared.bytes_moved,
+                                state_bytes_per_param=(prepared.state_bytes / prepared.model_params
                                                        if prepared.state_bytes is not None else None))
     try:
         benchmark.pedantic(call, setup=prepared.setup, rounds=ROUNDS, warmup_rounds=2)

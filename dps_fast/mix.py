@@ -58,8 +58,9 @@ def is_mixed(group):
     return group["dps"] and group["variant"] == "mix"
 
 
-def mixed(optimizer, param):
-    """The tensor a mixed module computes with in place of `param`."""
+def effective_tensor(optimizer, param):
+    """W_eff: the tensor a mixed module computes with in place of `param` (param itself
+    if it is in no mix group)."""
     group = optimizer.group_of(param, required=False)
     if param is None or group is None or not is_mixed(group):
         return param
@@ -105,7 +106,7 @@ def _mixed_forward(optimizer, module, *args, **kwargs):
     own_forward = type(module).forward
     if not module.training or module.__dict__.get("_dps_mixing"):  # eval, or functional_call's call below
         return own_forward(module, *args, **kwargs)
-    tensors = {name: mixed(optimizer, tensor) for name, tensor in _mixed_tensors(module).items()}
+    tensors = {name: effective_tensor(optimizer, tensor) for name, tensor in _mixed_tensors(module).items()}
     if isinstance(module, nn.Linear):
         return F.linear(args[0] if args else kwargs["input"], tensors["weight"], tensors.get("bias"))
     module._dps_mixing = True  # functional_call calls module(...), i.e. this function again

@@ -11,18 +11,28 @@ for DPS-Mix: override `schedule_phase` (which steps explore or exploit),
 factor on the update's gradient); query `group_of`, `upcoming` and `stage_mask`.
 """
 import collections
-import warnings
 
 import torch
 from torch.optim import Optimizer
 
-from . import amp, backends, checkpoint, distributed, functional, mix, options, param_state, selection
+from . import amp, backends, checkpoint, clipping, distributed, functional, mix, options, param_state, selection
 from .schedule import EXPLORE, phase_of, stage_start
 
 # The per-parameter state a step writes on the host (undone if GradScaler skips it).
 STEP_STATE = ("step", "exp_avg", "exp_avg_sq", "score", "score_stage", "mix_count")
 
 Upcoming = collections.namedtuple("Upcoming", "phase stage")  # of a group's next step; stage: its first step
+
+
+class _Runtime:
+    """What DPSAdamW keeps between calls that is not optimizer state."""
+
+    def __init__(self):
+        self.backends = {}  # (device, implementation) -> backend module
+        self.constants = {}  # (device, value) -> a 0-dim gradient factor
+        self.pending_clip = None  # clipping.Pending, until the next step()
+        self.group_index = None  # id(param) -> (group, position), a cache of group_of
+        self.unconfirmed = None  # the last step's amp.ScaledStep until its found_inf is read
 
 
 class DPSAdamW(Optimizer):
@@ -84,12 +94,14 @@ class DPSAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def _reset_transient(self):
-        """Caches and per-step bookkeeping: not part of the optimizer's state (nor of its pickle)."""
-        self._backend_by_device = {}
-        self._constants = {}  # 0-dim gradient factors per (device, value)
-        self._pending_clip = None
-        self._group_index = None
-        self._unconfirmed = None  # the last step's amp.ScaledStep until its found_inf is read
+        """Caches and per-step bookkeeping, not part of the optimizer's state (nor of its
+        pickle), in one shared object: a wrapper that copies the optimizer's __dict__
+        (Lightning's LightningOptimizer) then shares it instead of shadowing it, also
+        after a load_state_dict (which resets it in place)."""
+        if "_runtime" in self.__dict__:
+            self._runtime.__init__()
+        else:
+            self._runtime = _Runtime()
 
     def __getstate__(self):
         self._confirm_last_step()
@@ -105,26 +117,9 @@ class DPSAdamW(Optimizer):
     def add_param_group(self, param_group):
         """Add a group; it joins the optimizer's step count (and so its stage)."""
         self._confirm_last_step()
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict; got {type(param_group).__name__}")
-        param_group = dict(param_group)
-        params = param_group["params"]
-        if isinstance(params, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
-                            "of tensors in sets will change between runs. Please use a list instead.")
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        named = [isinstance(p, tuple) for p in params]
-        if any(named):
-            if not all(named) or any(len(p) != 2 for p in params):
-                raise ValueError("params must be all tensors or all (name, tensor) pairs")
-            param_group["param_names"] = [name for name, _ in params]
-            params = [tensor for _, tensor in params]
-        options.check_params(params)
         where = f"param group {len(self.param_groups)}: "
-        if "stage_steps" in param_group or "total_steps" in param_group:
-            param_group["stage_steps"] = options.stage_steps(
-                param_group.get("stage_steps"), param_group.pop("total_steps", None),
-                param_group.get("stage_ratio", self.defaults["stage_ratio"]), where)
+        param_group = options.normalized_group(param_group, self.defaults["stage_ratio"], where)
+        params = param_group["params"]
         group = {**self.defaults, **param_group, "params": params}
         options.check_group(group, self.backend, where)
         for param in params:  # fail now, not at the first step, if the backend cannot run there
@@ -134,9 +129,8 @@ class DPSAdamW(Optimizer):
         param_group["dps_step"] = param_group.get("dps_step", first.get("dps_step", 0))
         param_group.setdefault("schedule_start", first.get("schedule_start", 0))
         param_group.setdefault("schedule_stage_steps", group["stage_steps"])
-        param_group["params"] = params
         super().add_param_group(param_group)
-        self._group_index = None
+        self._runtime.group_index = None
 
     def state_dict(self):
         """As torch.optim.Optimizer.state_dict, less the per-shard masks of DTensor
@@ -172,12 +166,14 @@ class DPSAdamW(Optimizer):
     def group_of(self, param, required=True):
         """The param group holding `param` (None or ValueError if none does)."""
         groups = self.param_groups
-        found = None if self._group_index is None else self._group_index.get(id(param))
+        index = self._runtime.group_index
+        found = None if index is None else index.get(id(param))
         if found is None or found[0] >= len(groups) or found[1] >= len(groups[found[0]]["params"]) \
                 or groups[found[0]]["params"][found[1]] is not param:
             # params were added, swapped in place (accelerate's FSDP2 prepare) or removed: index again
-            self._group_index = {id(p): (i, j) for i, g in enumerate(groups) for j, p in enumerate(g["params"])}
-            found = self._group_index.get(id(param))
+            index = {id(p): (i, j) for i, g in enumerate(groups) for j, p in enumerate(g["params"])}
+            self._runtime.group_index = index
+            found = index.get(id(param))
         if found is None:
             if required:
                 raise ValueError("param is not a parameter of this optimizer")
@@ -188,9 +184,9 @@ class DPSAdamW(Optimizer):
         """The backend module for `group`'s tensors on `device` (its fused/foreach flags)."""
         device = torch.device(device)
         key = device, None if group is None else options.implementation(group)
-        if key not in self._backend_by_device:
-            self._backend_by_device[key] = backends.resolve(self.backend, device, key[1])
-        return self._backend_by_device[key]
+        if key not in self._runtime.backends:
+            self._runtime.backends[key] = backends.resolve(self.backend, device, key[1])
+        return self._runtime.backends[key]
 
     # ----- public queries ---------------------------------------------------------
 
@@ -208,7 +204,7 @@ class DPSAdamW(Optimizer):
         before the first one (and for tensors not managed by DPS)."""
         self.group_of(param)
         bits = self.state.get(param, {}).get("mask")
-        return None if bits is None else _unpack(param, bits)
+        return None if bits is None else param_state.bool_mask(param, bits)
 
     def attach_mix(self, model):
         """Route the forward pass of `model` through DPS-Mix mixing (see
@@ -264,7 +260,7 @@ class DPSAdamW(Optimizer):
                             stage_start(step, stage_steps, start) if with_stage else None)
 
         step = group["dps_step"] + 1
-        last = self._unconfirmed
+        last = self._runtime.unconfirmed
         if last is not None and last.advanced(group) and schedule(step) != schedule(step - 1):
             self._confirm_last_step()
             step = group["dps_step"] + 1
@@ -284,7 +280,10 @@ class DPSAdamW(Optimizer):
 
     def _confirm_last_step(self):
         """Read the last step's found_inf; if it was skipped, undo its host-side changes."""
-        last, self._unconfirmed = getattr(self, "_unconfirmed", None), None
+        runtime = self.__dict__.get("_runtime")  # absent while unpickling
+        if runtime is None:
+            return
+        last, runtime.unconfirmed = runtime.unconfirmed, None
         if last is not None and last.skipped():
             last.undo()
 
@@ -311,52 +310,20 @@ class DPSAdamW(Optimizer):
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False):
         """Clip the gradients the next step() applies (masked in exploitation
         stages) to total norm `max_norm`, as published code does after masking
-        in autograd. Returns the total norm before clipping.
-
-        The clip factor is applied inside the next step(); p.grad is left as is
-        so that exploration scores see the unclipped gradient, as in the
-        published code. Changing a gradient after this call cancels the clip."""
-        max_norm = float(max_norm)
-        grads, masked, watched = [], {}, []  # masked: {device: [(grad, bits)]}, their norms from the backend
-        l2 = float(norm_type) == 2.0
+        in autograd (dps_fast.clipping). Returns the total norm before clipping.
+        The factor is applied inside the next step(); p.grad is left as is."""
+        entries = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for param, bits in zip(params, self._next_masks(group, params)):
-                if bits is None:
-                    grads.append(param.grad)
-                elif l2 and not distributed.is_dtensor(param):
-                    masked.setdefault(self._backend_for(param.device, group), []).append((param.grad, bits))
-                else:
-                    grads.append(param.grad * _unpack(param, bits))
-                watched.append((param.grad, param.grad._version))
-        for backend, pairs in masked.items():  # the 2-norm of the per-tensor 2-norms is the total 2-norm
-            for on_device in _by_device(pairs, lambda pair: pair[0].device).values():
-                grads.append(backend.masked_norms(*zip(*on_device)))
-        total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
-        if distributed.is_dtensor(total_norm):  # sharded gradients: the norm over all shards
-            total_norm = total_norm.full_tensor()
-        clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-        self._pending_clip = (clip_coef, watched)
+            entries += [(param, bits, self._backend_for(param.device, group))
+                        for param, bits in zip(params, self._next_masks(group, params))]
+        total_norm, factor = clipping.clip_factor(entries, max_norm, norm_type, error_if_nonfinite)
+        self._runtime.pending_clip = clipping.Pending(factor, [param.grad for param, _, _ in entries])
         return total_norm
-
-    def _take_pending_clip(self):
-        """The clip factor set by clip_grad_norm_, if the gradients are unchanged since."""
-        pending, self._pending_clip = self._pending_clip, None
-        if pending is None:
-            return None
-        clip_coef, watched = pending
-        current = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        unchanged = len(current) == len(watched) and all(
-            grad is seen and grad._version == version for grad, (seen, version) in zip(current, watched))
-        if not unchanged:
-            warnings.warn("gradients changed after clip_grad_norm_; that clip is not applied. "
-                          "Call clip_grad_norm_ right before step().", stacklevel=3)
-            return None
-        return clip_coef
 
     def zero_grad(self, set_to_none=True):
         super().zero_grad(set_to_none)
-        self._pending_clip = None
+        self._runtime.pending_clip = None
         mix.reset_keep(self)
 
     # ----- the step ---------------------------------------------------------------
@@ -380,40 +347,21 @@ class DPSAdamW(Optimizer):
             for param in params:
                 if param.grad.is_sparse:
                     raise RuntimeError("DPSAdamW does not support sparse gradients")
-            self._check_state(index, group, params)
+            param_state.check_group(self.state, group, params, index)
             if group["dps"] and group["variant"] == "mix":
                 mix.check_mixed(self, params)
             work.append((group, params))
-        clip_coef = self._take_pending_clip()
+        pending, self._runtime.pending_clip = self._runtime.pending_clip, None
+        clip_coef = None if pending is None else pending.factor_for(
+            [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
         scaled = amp.ScaledStep.of(self)
         for group, params in work:
             self._step_group(group, params, clip_coef, scaled)
         mix.reset_keep(self)
         if scaled is not None:
             scaled.queued()
-            self._unconfirmed = scaled
+            self._runtime.unconfirmed = scaled
         return loss
-
-    def _check_state(self, index, group, params):
-        """ValueError naming the parameter if a state entry of `params` no longer fits
-        it (a parameter reshaped or moved through .data, or state set by hand)."""
-        have = [p for p in params if "exp_avg" in self.state.get(p, ())]
-
-        def where(chosen):
-            def name(i):
-                position = next(j for j, p in enumerate(group["params"]) if p is chosen[i])
-                return f"param_groups[{index}]['params'][{position}]"
-            return name
-
-        entries = {"grad": [p.grad for p in have]}
-        for key in ("exp_avg", "exp_avg_sq", "score", "mask"):
-            entries[key] = [self.state[p].get(key) for p in have]
-        for key, values in entries.items():
-            chosen = [p for p, v in zip(have, values) if v is not None]
-            if chosen:
-                values = [v for v in values if v is not None]
-                param_state.check_entries(distributed.local_all(chosen), key,
-                                          values if key == "mask" else distributed.local_all(values), where(chosen))
 
     def _init_group(self, group, params, explore):
         """The states of `params`, created where missing (a score too when a managed
@@ -440,9 +388,9 @@ class DPSAdamW(Optimizer):
             return clip_coef
         if clip_coef is not None:
             return clip_coef * scale  # exact for the sign, as torch.optim.AdamW's -grad
-        if (device, scale) not in self._constants:
-            self._constants[device, scale] = torch.full((), scale, device=device)
-        return self._constants[device, scale]
+        if (device, scale) not in self._runtime.constants:
+            self._runtime.constants[device, scale] = torch.full((), scale, device=device)
+        return self._runtime.constants[device, scale]
 
     def _step_group(self, group, params, clip_coef, scaled=None):
         """Update `params` of `group`; `scaled` is the step's amp.ScaledStep, if any."""
@@ -479,13 +427,6 @@ class DPSAdamW(Optimizer):
         if phase == EXPLORE:
             for state in states:
                 state["score_stage"] = stage
-
-
-def _unpack(param, bits):
-    """The bool mask of `param` from its packed mask (a DTensor for a DTensor param)."""
-    if distributed.is_dtensor(param):
-        return distributed.unpacked_mask(param, bits)
-    return selection.unpack_mask(bits, param.shape)
 
 
 def _by_device(items, device_of=lambda tensor: tensor.device):

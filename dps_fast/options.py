@@ -117,3 +117,29 @@ def stage_steps(stage_steps, total_steps, stage_ratio, where=""):
         raise ValueError(f"{where}stage_steps = int(total_steps * stage_ratio) = int({total_steps} * {stage_ratio}) "
                          "= 0; give more total_steps, a larger stage_ratio, or stage_steps directly")
     return length
+
+
+def normalized_group(param_group, default_stage_ratio, where=""):
+    """A copy of `param_group` whose "params" is a list of checked tensors (names of
+    (name, tensor) pairs go to "param_names", as torch does) and whose stage length,
+    if the group gives one (stage_steps, or total_steps with stage_ratio), is stage_steps."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict; got {type(param_group).__name__}")
+    group = dict(param_group)
+    params = group["params"]
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                        "of tensors in sets will change between runs. Please use a list instead.")
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    named = [isinstance(p, tuple) for p in params]
+    if any(named):
+        if not all(named) or any(len(p) != 2 for p in params):
+            raise ValueError("params must be all tensors or all (name, tensor) pairs")
+        group["param_names"] = [name for name, _ in params]
+        params = [tensor for _, tensor in params]
+    check_params(params)
+    group["params"] = params
+    if "stage_steps" in group or "total_steps" in group:
+        group["stage_steps"] = stage_steps(group.get("stage_steps"), group.pop("total_steps", None),
+                                           group.get("stage_ratio", default_stage_ratio), where)
+    return group

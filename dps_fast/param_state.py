@@ -25,7 +25,7 @@ import operator
 import torch
 
 from . import distributed
-from .selection import pack_mask, packed_size
+from .selection import pack_mask, packed_size, unpack_mask
 
 LIKE_PARAM = ("exp_avg", "exp_avg_sq", "score")  # p's shape, state_dtype(p)
 TAGS = ("score_stage", "mask_stage", "snapshot_stage")
@@ -44,6 +44,13 @@ def state_dtype(param):
 def zeros(param):
     """A zero moment or score for `param`: its shape and strides, state_dtype(param)."""
     return torch.zeros_like(param, dtype=state_dtype(param))
+
+
+def bool_mask(param, bits):
+    """The bool mask of `param` from its packed mask (a DTensor for a DTensor param)."""
+    if distributed.is_dtensor(param):
+        return distributed.unpacked_mask(param, bits)
+    return unpack_mask(bits, param.shape)
 
 
 def mix_count_shape(param):
@@ -114,6 +121,28 @@ def adopt(param, key, value, where):
         raise ValueError(f"{where}: state {key!r} {problem}. The state does not belong to this parameter "
                          "(a checkpoint of another model, or a parameter reshaped after its state was made)")
     return value.clone() if value is loaded else value  # never shared with the state dict
+
+
+def check_group(states, group, params, index):
+    """ValueError naming the parameter (param_groups[index]['params'][j]) if a
+    gradient or a state entry of `params` (of param group `group`) no longer fits
+    it: a parameter reshaped or moved through .data, or state set by hand."""
+    have = [p for p in params if "exp_avg" in states.get(p, ())]
+
+    def where(chosen):
+        def name(i):
+            position = next(j for j, p in enumerate(group["params"]) if p is chosen[i])
+            return f"param_groups[{index}]['params'][{position}]"
+        return name
+
+    entries = {"grad": [p.grad for p in have]}
+    entries.update({key: [states[p].get(key) for p in have] for key in ("exp_avg", "exp_avg_sq", "score", "mask")})
+    for key, values in entries.items():
+        chosen = [p for p, v in zip(have, values) if v is not None]
+        if chosen:
+            values = [v for v in values if v is not None]
+            check_entries(distributed.local_all(chosen), key,
+                          values if key == "mask" else distributed.local_all(values), where(chosen))
 
 
 def check_update(params, grads, exp_avgs, exp_avg_sqs, scores=None, masks=None, where=None):

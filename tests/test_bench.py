@@ -82,7 +82,7 @@ def test_a_failing_row_is_kept_with_its_reason_and_the_run_goes_on(monkeypatch, 
     prepare = cases.prepare
 
     def failing(case, workload):
-        if case.backend == "torch" and case.phase == "explore":
+        if case.backend == "torch" and case.operation == "explore":
             raise FakeCompilationError("at 12:3: cannot compile\nmore detail")
         return prepare(case, workload)
 

@@ -42,7 +42,7 @@ class ExploitRecorder(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         opt, _ = unwrap_optimizer(optimizer)
         if opt.phase == "exploit":
-            self._before = (self.weight.detach().clone(), opt._pending_clip)
+            self._before = (self.weight.detach().clone(), opt._runtime.pending_clip)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         opt, _ = unwrap_optimizer(optimizer)

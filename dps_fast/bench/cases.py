@@ -58,26 +58,28 @@ STAGE_STEPS = 10**9
 
 @dataclass(frozen=True)
 class Case:
-    """What one row times. section: "step", "boundary" or "train"."""
+    """What one row times. section: "step", "boundary" or "train"; method: whose
+    optimizer; operation: what of it ("dense" AdamW, "explore", "exploit",
+    "exploit freeze", "select"; a row's "phase" column)."""
     device: str
     section: str
     method: str
-    phase: str
+    operation: str
     backend: Optional[str] = None  # the dps_fast backend, for dps_fast rows
 
     @property
     def id(self):
-        return f"{self.device}-{self.section}-{self.method}-{self.phase}".replace(" ", "_")
+        return f"{self.device}-{self.section}-{self.method}-{self.operation}".replace(" ", "_")
 
 
 @dataclass
 class Prepared:
     run: Callable[[], None]
     setup: Optional[Callable[[], None]] = None
-    entries: int = 0                 # parameters the row processes (managed only for selection)
+    timed_params: int = 0            # parameters one run() processes (the managed ones for a selection)
     bytes_moved: Optional[float] = None  # the bytes model for one run()
     state_bytes: Optional[int] = None    # persistent optimizer state, all tensors
-    params: int = 0                  # parameters of the model (for state bytes per parameter)
+    model_params: int = 0            # parameters of the model (for state bytes per parameter)
     close: Optional[Callable[[], None]] = None
 
 
@@ -166,7 +168,7 @@ def prepare(case, workload):
             scores = [p.grad * p.grad for p in model.parameters() if p.dim() == 2]
             select = backends.resolve(case.backend, workload.device).select_masks
             prepared = Prepared(run=lambda: select(scores, SPARSITY))
-        prepared.entries, prepared.params = managed, params
+        prepared.timed_params, prepared.model_params = managed, params
         prepared.bytes_moved = bytes_model.select_bytes(managed)
         return prepared
     if case.method.startswith("AdamW"):
@@ -174,18 +176,18 @@ def prepare(case, workload):
         optimizer.step()  # creates the state
         prepared = Prepared(run=optimizer.step, state_bytes=_state_bytes(optimizer.state))
     elif case.method == "published DPS":
-        prepared = _published_step(model, case.phase)
+        prepared = _published_step(model, case.operation)
     else:
         optimizer = DPSAdamW(_groups(model), stage_steps=STAGE_STEPS, backend=case.backend,
-                             masked="freeze" if case.phase == "exploit freeze" else "grad")
+                             masked="freeze" if case.operation == "exploit freeze" else "grad")
         optimizer.step()  # step 1: state and scores
-        start = 1 if case.phase == "explore" else STAGE_STEPS  # next: step 2, or step T + 1 (selects)
+        start = 1 if case.operation == "explore" else STAGE_STEPS  # next: step 2, or step T + 1 (selects)
         _set_dps_step(optimizer, start)
         optimizer.step()
         prepared = Prepared(run=optimizer.step, setup=lambda: _set_dps_step(optimizer, start),
                             state_bytes=_state_bytes(optimizer.state))
-    prepared.entries, prepared.params = params, params
-    prepared.bytes_moved = bytes_model.step_bytes(managed, plain, case.phase)
+    prepared.timed_params, prepared.model_params = params, params
+    prepared.bytes_moved = bytes_model.step_bytes(managed, plain, case.operation)
     return prepared
 
 
@@ -268,7 +270,7 @@ def _prepare_train(case, workload):
         def clip():
             torch.nn.utils.clip_grad_norm_(params, 1.0)
     else:
-        start = 1 if case.phase == "explore" else STAGE_STEPS  # step 2 of stage 1, or stage 2
+        start = 1 if case.operation == "explore" else STAGE_STEPS  # step 2 of stage 1, or stage 2
         if case.method == "published DPS":
             optimizer = PublishedDPS(model, _groups(model), sparsity=SPARSITY, stage_steps=STAGE_STEPS)
             states, close = (optimizer.optimizer.state, optimizer.state), optimizer.remove
@@ -296,5 +298,5 @@ def _prepare_train(case, workload):
         setup()
         run()  # and, for exploit rows, the masks selected
     count = sum(p.numel() for p in params)
-    return Prepared(run=run, setup=setup, close=close, entries=count, params=count,
+    return Prepared(run=run, setup=setup, close=close, timed_params=count, model_params=count,
                     state_bytes=sum(_state_bytes(s) for s in states))

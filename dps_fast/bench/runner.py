@@ -69,7 +69,7 @@ def run_case(case, workload, timing, baseline=None, copy_gbps=None):
     baseline: (Case, Prepared) of the row that "x fused" divides by, timed
     alternately with this case (see measure); None to time the case alone.
     copy_gbps: the device's copy bandwidth, for the row's "% copy"."""
-    row = dict(device=case.device, section=case.section, method=case.method, phase=case.phase,
+    row = dict(device=case.device, section=case.section, method=case.method, phase=case.operation,
                backend=case.backend)
     prepared = None
     paired = baseline is not None and baseline[0] != case
@@ -90,13 +90,13 @@ def run_case(case, workload, timing, baseline=None, copy_gbps=None):
         return row
     median = statistics.median(times)
     row.update(median_s=median, min_s=min(times), max_s=max(times), reps=len(times),
-               params=prepared.entries, params_per_s=prepared.entries / median)
+               params=prepared.timed_params, params_per_s=prepared.timed_params / median)
     if prepared.bytes_moved is not None:
         row.update(bytes=prepared.bytes_moved, gbps=prepared.bytes_moved / median / 1e9)
         if copy_gbps:
             row["pct_copy"] = 100 * row["gbps"] / copy_gbps
     if prepared.state_bytes is not None:
-        row["state_bytes_per_param"] = prepared.state_bytes / prepared.params
+        row["state_bytes_per_param"] = prepared.state_bytes / prepared.model_params
     if baseline is not None:
         row["vs_method"] = baseline[0].method
         # each run against the baseline run just before it: load that changes within a row cancels too
@@ -176,9 +176,9 @@ def run_bench(devices, scale=None, backend_names=None, sections=tuple(SECTION_TI
         on_row(result)
         baselines = _Baselines(workload, adamw) if workload is not None else None
         for case in main:
-            bar.begin(f"{key} {case.section}: {case.method} {case.phase}")
+            bar.begin(f"{key} {case.section}: {case.method} {case.operation}")
             if workload is None:
-                row = dict(device=key, section=case.section, method=case.method, phase=case.phase,
+                row = dict(device=key, section=case.section, method=case.method, phase=case.operation,
                            backend=case.backend, error=f"device setup failed: {info['error']}")
             else:
                 row = run_case(case, workload, timing, baselines.get(case.section), info["copy_gbps"])
@@ -192,7 +192,7 @@ def run_bench(devices, scale=None, backend_names=None, sections=tuple(SECTION_TI
         for count in sorted({c for c, _ in extra}):
             sized = Workload(device, scale_for_params(count), config, seed)
             for _, case in (e for e in extra if e[0] == count):
-                bar.begin(f"{key} sweep {count / 1e6:.0f}M: {case.method} {case.phase}")
+                bar.begin(f"{key} sweep {count / 1e6:.0f}M: {case.method} {case.operation}")
                 row = run_case(case, sized, dict(timing, seconds=timing.get("seconds", 1.0) / 2),
                                copy_gbps=info["copy_gbps"])
                 result["sweep"].append(row)
