@@ -1,13 +1,14 @@
 // The exact per-tensor selection of the CPU and CUDA kernels: the order key
-// and the radix select over it. Every selection of dps_fast (this one, the
-// Triton backend's select_kernels.py, dps_fast/distributed.py) uses these
-// words for these steps:
+// and the radix select over it. Every selection of dps_fast (this one,
+// dps_fast/backends/triton_backend/select_kernels.py, dps_fast/distributed.py)
+// uses these words for these steps:
 //
 //   order key  a uint32 per fp32 score whose unsigned order is the float
 //              order (dps_fast.selection.order_keys): NaN ranks as -inf,
 //              -0.0 as +0.0
-//   digit      a field of the key; the digit plan below splits the key into
-//              `passes` digits, most significant first
+//   digit      a field of the key; the digit plan (Note [digit plan]) splits
+//              the key into kPasses digits (PASSES in Python), most
+//              significant first; one pass per digit
 //   candidate  a key whose higher digits equal the prefix found so far
 //   histogram  per tensor, count the candidates' digit of this pass
 //   narrow     find the digit holding the rank-th largest candidate, append
@@ -19,19 +20,19 @@
 //              i % 8 of byte i / 8
 //
 // Note [digit plan]
-// Python and Triton split the key into 4 digits of 8 bits (DIGIT_BITS);
-// the C++ kernels into 3 of 11, 11 and 10 bits, for the GPU's sake: each
-// pass reads every score again, so 3 passes and the pack read the scores
-// 4 times, not 5 (tl.histogram's cost grows with the bin count, which keeps
-// Triton at 8 bits). On the CPU the two plans run alike. Measured on this
-// project's 2-core AVX-512 machine, one thread, the radix path's select()
-// (tensors below the sampled-select size, or its fallback), 8x4 over
-// 11/11/10 paired in one process, medians of 15 alternating rounds, two runs:
-// one tensor of 2^17 entries 1.01 / 1.10, of 2^18 - 1 1.00 / 0.95,
-// 24 of 384 x 384 0.97 / 1.00, 12 of 2^12..2^17 0.99 / 1.01, one of 2^21
-// (forced past the sample) 0.95 / 0.95, 120 of 768 or 3072 entries (one
-// chunk each: the 2048 bins' fixed cost shows) 0.80 / 0.92. Not measured on
-// a GPU yet; the plan is digit_shift and digit_mask, kPasses and kBins.
+// Python and Triton split the key into 4 digits of 8 bits (DIGIT_BITS in
+// dps_fast.distributed); the C++ kernels into 3 digits of 11, 11 and 10 bits
+// (kPasses, kBins, digit_shift and digit_mask below). The reason is the GPU:
+// each pass reads every score again, so 3 passes and the pack read them 4
+// times, not 5 (Triton stays at 8 bits because tl.histogram's cost grows with
+// the bin count). That is reasoned, not yet measured on a GPU. On the CPU the
+// two plans run alike: select() on the radix path (tensors below kSampledMin,
+// or those the sample misses), one thread, AVX-512, 8x4's time over
+// 11/11/10's, paired in one process (medians of 15 alternating rounds; two
+// runs): 1 tensor of 2^17 entries 1.01, 1.10; 1 of 2^18 - 1: 1.00, 0.95;
+// 24 of 384 x 384: 0.97, 1.00; 12 of 2^12 to 2^17: 0.99, 1.01; 1 of 2^21
+// forced past the sample: 0.95, 0.95; 120 of 768 or 3072 entries (one chunk
+// each, where the 2048 bins' fixed cost shows): 0.80, 0.92.
 #pragma once
 #include <stdint.h>
 

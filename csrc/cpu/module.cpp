@@ -155,6 +155,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       "returns the previous value.");
   export_codes(m);
   m.attr("chunk_entries") = cpu::kChunk;
+  m.attr("sampled_min_entries") = cpu::kSampledMin;
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -47,8 +47,10 @@ int64_t chunk_end(const Args& tensor, const Chunk& chunk) {
 }
 
 // select.cpp: writes the packed masks of the k largest scores of each tensor
-// (ties kept); call without the GIL.
+// (ties kept); call without the GIL. Tensors of kSampledMin entries or more
+// take the sampled selection, smaller ones the radix select.
 void select(const std::vector<SelectArgs>& tensors, int num_threads);
+constexpr int64_t kSampledMin = 1 << 18;
 
 // select.cpp: sets the half-width, in standard deviations, of the sampled
 // selection's bounds (for tests: 0 makes them miss); returns the previous one.

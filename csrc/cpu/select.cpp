@@ -21,7 +21,6 @@ namespace {
 // the small tensors. Either way the threshold is the exact k-th largest score,
 // and a last parallel pass packs the mask bits.
 
-constexpr int64_t kSampledMin = 1 << 18;  // smaller tensors go straight to radix select
 constexpr int64_t kChunkCandidates = kChunk / 8;  // more in one chunk: heavy ties, use radix select
 double sample_bounds_sigmas = 4.0;  // half-width of the sample bounds, in standard deviations
 

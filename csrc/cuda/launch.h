@@ -11,6 +11,10 @@
 namespace dps {
 namespace cuda {
 
+// Entries per work item (one block at a time) of each kernel family.
+constexpr int64_t kUpdateChunk = 16384;  // the update and the masked norms
+constexpr int64_t kSelectChunk = 65536;  // the selection
+
 // "" if the runtime reaches a CUDA device, else why not.
 std::string unavailable_reason();
 // The CUDA runtime version the module was built with, e.g. 13000.

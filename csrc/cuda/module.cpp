@@ -62,6 +62,8 @@ PYBIND11_MODULE(_cuda_kernels, m) {
   m.def("host_waits", &cuda::host_waits,
         "Staging-buffer allocations, frees and event waits so far (where a call may wait for the GPU).");
   export_codes(m);
+  m.attr("update_chunk_entries") = cuda::kUpdateChunk;
+  m.attr("select_chunk_entries") = cuda::kSelectChunk;
   m.attr("archs") = DPS_CUDA_ARCHS;
   m.attr("runtime_version") = cuda::runtime_version();
 }

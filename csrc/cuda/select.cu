@@ -9,6 +9,7 @@ namespace cuda {
 namespace {
 
 constexpr int kUnroll = 4;  // loads in flight per thread
+static_assert(kSelectChunk % (kUnroll * kThreads) == 0, "the passes' loops take kUnroll * kThreads entries");
 
 // The selection passes' loads: kUnroll scores per thread from [base, end), 0 past the end
 // (all loads issued before any is used, to keep kUnroll of them in flight).

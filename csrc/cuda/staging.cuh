@@ -26,9 +26,7 @@ namespace dps {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;          // grid size; registers let about 4 blocks reside at once
-constexpr int64_t kUpdateChunk = 16384;  // update and norms; a multiple of 4 * kThreads
-constexpr int64_t kSelectChunk = 65536;  // a multiple of kUnroll * kThreads (select.cu)
+constexpr int kBlocksPerSm = 8;  // grid size; registers let about 4 blocks reside at once
 
 // Throws std::runtime_error naming `what` unless `status` is cudaSuccess.
 void check(cudaError_t status, const char* what);

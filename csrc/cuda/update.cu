@@ -8,6 +8,8 @@ namespace dps {
 namespace cuda {
 namespace {
 
+static_assert(kUpdateChunk % (4 * kThreads) == 0, "each thread takes 4 entries at a time");
+
 // ----- 4-entry vector access (16 bytes of fp32, 8 bytes of a 16-bit dtype) ----------
 
 __device__ __forceinline__ void load4(const float* p, float out[4]) {
