@@ -10,11 +10,13 @@ shard (the backends get the local tensors). The one thing that needs the
 whole tensor is the selection: the threshold of a tensor is the k-th largest
 score over all its shards. It is computed exactly, without gathering the
 scores, by a radix selection over the scores' order keys (the 32-bit keys
-of dps_fast.selection): ROUNDS rounds of RADIX_BITS bits, each all-reducing
-one histogram of BINS counts per tensor, all the tensors of a param group in
-the same all-reduce. Each rank then keeps key >= the k-th largest key on its
-shard (ties kept), as dps_fast.selection does on a whole tensor. So every rank must step the same parameters (a gradient on
-each, or on none), as FSDP2 does anyway.
+of dps_fast.selection; the steps are named in csrc/dps_select.h): PASSES
+passes over digits of DIGIT_BITS bits, each a histogram of BINS counts per
+tensor, all-reduced (all the tensors of a param group in one all-reduce),
+then a narrow. Each rank then keeps key >= the k-th largest key on its
+shard (ties kept), as dps_fast.selection does on a whole tensor. So every
+rank must step the same parameters (a gradient on each, or on none), as FSDP2
+does anyway.
 
 The packed mask of a sharded parameter covers its local shard only. It is a
 cache of the selection: it is left out of state_dict() (a per-shard tensor
@@ -29,9 +31,10 @@ import torch.distributed as dist
 
 from . import selection
 
-RADIX_BITS = 8
-BINS = 1 << RADIX_BITS
-ROUNDS = selection.KEY_BITS // RADIX_BITS
+# The digit plan of the Python and Triton selections (csrc/dps_select.h, Note [digit plan]).
+DIGIT_BITS = 8
+BINS = 1 << DIGIT_BITS
+PASSES = selection.KEY_BITS // DIGIT_BITS
 MASK_KEYS = ("mask", "mask_stage")
 
 
@@ -84,22 +87,23 @@ def kth_largest_keys(scores, ks, groups=()):
 
     scores: float tensors on one device. Returns a 1-D int64 tensor of keys.
     Every rank of `groups` must call this with the same number of tensors and
-    the same ks: ROUNDS all-reduces of len(scores) * BINS int64 counts per group.
+    the same ks: PASSES all-reduces of len(scores) * BINS int64 counts per group.
     """
     device = scores[0].device
     candidates = [selection.order_keys(score.detach()).reshape(-1) for score in scores]
-    remaining = torch.tensor(ks, dtype=torch.int64, device=device)  # rank among the candidates
+    rank = torch.tensor(ks, dtype=torch.int64, device=device)  # of the wanted key among the candidates
     prefix = torch.zeros(len(scores), dtype=torch.int64, device=device)
     zeros = torch.zeros(len(scores), 1, dtype=torch.int64, device=device)
-    for shift in range(selection.KEY_BITS - RADIX_BITS, -1, -RADIX_BITS):
+    for shift in range(selection.KEY_BITS - DIGIT_BITS, -1, -DIGIT_BITS):
+        # histogram: the candidates' digits, counted over every shard
         digits = [(candidate >> shift) & (BINS - 1) for candidate in candidates]
         histogram = torch.stack([torch.bincount(d, minlength=BINS) for d in digits])
         for group in groups:
             dist.all_reduce(histogram, group=group)
-        # at_or_above[:, b]: candidates whose digit is >= b (column BINS: none)
+        # narrow: at_or_above[:, b] counts the candidates whose digit is >= b (column BINS: none)
         at_or_above = torch.cat([histogram.flip(1).cumsum(1).flip(1), zeros], dim=1)
-        digit = (at_or_above[:, :BINS] >= remaining[:, None]).sum(dim=1) - 1  # the k-th largest's digit
-        remaining -= at_or_above.gather(1, (digit + 1)[:, None]).squeeze(1)
+        digit = (at_or_above[:, :BINS] >= rank[:, None]).sum(dim=1) - 1  # the wanted key's digit
+        rank -= at_or_above.gather(1, (digit + 1)[:, None]).squeeze(1)
         prefix |= digit << shift
         if shift:
             candidates = [c[d == value] for c, d, value in zip(candidates, digits, digit.tolist())]
