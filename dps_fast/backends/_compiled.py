@@ -70,36 +70,44 @@ def _scalar(value, device):
     return value.to(device=device, dtype=torch.float32).reshape(())
 
 
-def update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-           weight_decay, grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
-           inv_scale=None, found_inf=None):
-    """The reference backend's update, run by `launch(mode, dtype, lists, scalars)`
-    once per dtype; lists are the kernels' per-tensor address lists."""
-    if not params:
-        return
-    param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
-    hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
-    mode = contract.mode_of(scores, masks, freeze)
-    state_lists = [exp_avgs, exp_avg_sqs] + [t for t in (scores, masks) if t is not None]
-    by_dtype, others = _split(params, grads, state_lists)
-    for dtype, indices in by_dtype.items():
-        if indices is None:
-            pick = lambda values: values  # noqa: E731
-        else:
-            pick = lambda values: [values[i] for i in indices]  # noqa: E731
-        lists = [list(map(_data_ptr, pick(params))), list(map(_data_ptr, pick(grads))),
-                 list(map(_data_ptr, pick(exp_avgs))), list(map(_data_ptr, pick(exp_avg_sqs))),
-                 list(map(_data_ptr, pick(scores))) if scores is not None else [],
-                 list(map(_data_ptr, pick(masks))) if masks is not None and scores is None else [],
-                 list(map(_numel, pick(params))), pick(steps),
-                 pick(reset_scores) if scores is not None else []]
-        launch(int(mode), int(DTYPE_CODES[dtype]), lists, hyper, [0 if s is None else s.data_ptr() for s in scalars])
-    if others:
-        pick = lambda values: None if values is None else [values[i] for i in others]  # noqa: E731
-        reference.update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), **hyper,
-                         grad_coef=grad_coef, scores=pick(scores), reset_scores=pick(reset_scores),
-                         masks=pick(masks), freeze=freeze, inv_scale=inv_scale, found_inf=found_inf)
+def update_function(place):
+    """A compiled backend's update, with the contract's signature (contract.Backend.update):
+    reference.update's result, run by the kernels where they take the tensors.
+    `place(params)` is (launch, device) for the call: the scalars go to `device`, and
+    launch(mode, dtype, lists, hyper, scalars) runs once per dtype, `lists` being the
+    kernels' per-tensor address lists."""
+    def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+               grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
+               inv_scale=None, found_inf=None):
+        """reference.update's contract (dps_fast.backends.contract.Backend.update)."""
+        if not params:
+            return
+        launch, device = place(params)
+        param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
+        hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
+        mode = contract.mode_of(scores, masks, freeze)
+        state_lists = [exp_avgs, exp_avg_sqs] + [t for t in (scores, masks) if t is not None]
+        by_dtype, others = _split(params, grads, state_lists)
+        for dtype, indices in by_dtype.items():
+            if indices is None:
+                pick = lambda values: values  # noqa: E731
+            else:
+                pick = lambda values: [values[i] for i in indices]  # noqa: E731
+            lists = [list(map(_data_ptr, pick(params))), list(map(_data_ptr, pick(grads))),
+                     list(map(_data_ptr, pick(exp_avgs))), list(map(_data_ptr, pick(exp_avg_sqs))),
+                     list(map(_data_ptr, pick(scores))) if scores is not None else [],
+                     list(map(_data_ptr, pick(masks))) if masks is not None and scores is None else [],
+                     list(map(_numel, pick(params))), pick(steps),
+                     pick(reset_scores) if scores is not None else []]
+            addresses = [0 if scalar is None else scalar.data_ptr() for scalar in scalars]
+            launch(int(mode), int(DTYPE_CODES[dtype]), lists, hyper, addresses)
+        if others:
+            pick = lambda values: None if values is None else [values[i] for i in others]  # noqa: E731
+            reference.update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), **hyper,
+                             grad_coef=grad_coef, scores=pick(scores), reset_scores=pick(reset_scores),
+                             masks=pick(masks), freeze=freeze, inv_scale=inv_scale, found_inf=found_inf)
+    return update
 
 
 def masked_norms(launch, grads, masks):

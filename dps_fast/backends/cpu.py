@@ -45,9 +45,11 @@ def _launch_update(mode, dtype, lists, hyper, scalars):
                      hyper["weight_decay"], *scalars, torch.get_num_threads())
 
 
-def update(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
-    """reference.update's contract, on CPU tensors."""
-    _compiled.update(_launch_update, torch.device("cpu"), params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs)
+def _place_update(params):
+    return _launch_update, torch.device("cpu")
+
+
+update = _compiled.update_function(_place_update)  # reference.update's contract, on CPU tensors
 
 
 def _launch_masked_norms(dtype, grads, masks, numels):

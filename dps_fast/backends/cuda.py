@@ -44,10 +44,7 @@ def _place(device):
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
-def update(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
-    """reference.update's contract, on the CUDA tensors of one device."""
-    if not params:
-        return
+def _place_update(params):
     device = params[0].device
     index, stream = _place(device)
 
@@ -55,7 +52,10 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
         _module().update(index, stream, mode, dtype, *lists, hyper["lr"], hyper["beta1"], hyper["beta2"],
                          hyper["eps"], hyper["weight_decay"], *scalars)
 
-    _compiled.update(launch, device, params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs)
+    return launch, device
+
+
+update = _compiled.update_function(_place_update)  # reference.update's contract, on the CUDA tensors of one device
 
 
 def select_masks(scores, sparsity):
