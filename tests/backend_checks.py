@@ -1,18 +1,20 @@
-"""Direct checks of a compiled backend against the reference backend, shared by
-tests/test_backend_cpu.py and tests/test_backend_cuda.py: select_masks on odd
-sizes and tied or signed scores, one update of several tensors in every mode
-and dtype (GradScaler and clip arguments included), found_inf, and tensors the
-kernels hand back to the reference. Each check takes the backend module and
-the device."""
+"""Direct checks of a fast backend against the reference backend, shared by
+tests/test_backend_cpu.py, test_backend_cuda.py and test_backend_triton.py:
+select_masks on odd sizes and tied or signed scores, one update of several
+tensors in every mode and dtype (GradScaler and clip arguments included),
+found_inf, an inf gradient masked out, and tensors the kernels hand back to
+the reference. Each check takes the backend module and the device."""
 import math
 
 import torch
 
 from dps_fast import param_state, selection
-from dps_fast.backends import reference
+from dps_fast.backends import cpu, reference
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-CHUNK = 1 << 16  # the CPU kernels' chunk (csrc/cpu/module.cpp kChunk): sizes below cross it
+# The CPU kernels' chunk of entries: sizes below cross it (the CUDA and Triton kernels' chunks
+# are no larger). Without the CPU module (a pure-Python install) any such size serves.
+CHUNK = cpu._kernels.chunk_entries if cpu._kernels is not None else 1 << 16
 SIZES = [0, 1, 7, 4097, 2 * CHUNK + 37]
 MODES = ["plain", "explore", "explore-accumulate", "grad", "freeze"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,10 +36,11 @@ def make_scores(kind, numel, generator):
 def check_select(backend, device, numel, kind):
     generator = torch.Generator().manual_seed(numel + len(kind))
     score = make_scores(kind, numel, generator)
+    on_device = score.to(device)
     for sparsity in (0.0, 0.3, 0.5, 0.99):
-        got, = backend.select_masks([score.to(device)], sparsity)
+        got, = backend.select_masks([on_device], sparsity)
         want, = reference.select_masks([score], sparsity)
-        assert got.dtype == torch.uint8 and got.shape == want.shape
+        assert got.dtype == torch.uint8 and got.shape == want.shape and got.device == on_device.device
         assert torch.equal(got.cpu(), want), f"numel {numel}, {kind}, sparsity {sparsity}"
 
 
@@ -56,12 +59,14 @@ def check_select_many(backend, device):
 
 
 def _state(shapes, dtype, generator, device):
-    """params, grads (on the 1/16 grid: exact squares), moments and scores."""
+    """params, grads (on the 1/16 grid: exact squares), moments and scores (of
+    param_state.state_dtype), masks."""
     params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
     grads = [(torch.randint(-63, 64, s, generator=generator).float() / 16).to(dtype) for s in shapes]
-    avgs = [torch.randn(s, generator=generator) * 0.1 for s in shapes]
-    sqs = [torch.rand(s, generator=generator) * 0.01 for s in shapes]
-    scores = [torch.rand(s, generator=generator).mul(64).round() / 16 for s in shapes]
+    wide = param_state.state_dtype(params[0])
+    avgs = [(torch.randn(s, generator=generator) * 0.1).to(wide) for s in shapes]
+    sqs = [(torch.rand(s, generator=generator) * 0.01).to(wide) for s in shapes]
+    scores = [(torch.rand(s, generator=generator).mul(64).round() / 16).to(wide) for s in shapes]
     masks = [selection.pack_mask(torch.rand(s, generator=generator) < 0.7) for s in shapes]
     every = [params, grads, avgs, sqs, scores, masks]
     return [[t.to(device) for t in group] for group in every]
@@ -74,22 +79,32 @@ def _compare(got, want, dtype, what):
         if what in ("score", "grad"):
             assert torch.equal(g, w), f"{what} {i}"
         else:
-            tol = 1e-6 if what != "param" or dtype == torch.float32 else torch.finfo(dtype).eps
+            low_precision = what == "param" and dtype in (torch.bfloat16, torch.float16)
+            tol = torch.finfo(dtype).eps if low_precision else 1e-6
             torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, msg=f"{what} {i}")
 
 
-def check_update(backend, device, mode, dtype, shapes, **scalars):
+def _mode_arguments(mode, scores, masks):
+    """The update's arguments of `mode` (one of MODES): explore resets every score,
+    explore-accumulate every other one."""
+    if mode.startswith("explore"):
+        return dict(scores=scores, reset_scores=[mode == "explore" or i % 2 == 0 for i in range(len(scores))])
+    if mode in ("grad", "freeze"):
+        return dict(masks=masks, freeze=mode == "freeze")
+    return {}
+
+
+def check_update(backend, device, mode, dtype, shapes, transform=None, **scalars):
     """One update of several tensors (per-tensor steps) against the reference.
-    mode: plain | explore | explore-accumulate | grad | freeze."""
+    mode: one of MODES. transform(params), if given, may replace the backend's
+    parameters by tensors of the same values (e.g. ones a kernel cannot address)."""
     generator = torch.Generator().manual_seed(len(shapes) + len(mode))
     params, grads, avgs, sqs, scores, masks = _state(shapes, dtype, generator, device)
     steps = [1 + 3 * i for i in range(len(shapes))]
-    kwargs = dict(HYPER, **scalars)
-    if mode.startswith("explore"):
-        kwargs.update(scores=scores, reset_scores=[mode == "explore" or i % 2 == 0 for i in range(len(shapes))])
-    elif mode in ("grad", "freeze"):
-        kwargs.update(masks=masks, freeze=mode == "freeze")
+    kwargs = dict(HYPER, **scalars, **_mode_arguments(mode, scores, masks))
     copies = [[t.cpu().clone() for t in group] for group in (params, grads, avgs, sqs, scores)]
+    if transform is not None:
+        transform(params)
     want_kwargs = dict(kwargs)
     if "scores" in kwargs:
         want_kwargs["scores"] = copies[4]
@@ -107,17 +122,33 @@ def check_update(backend, device, mode, dtype, shapes, **scalars):
     _compare(grads, copies[1], dtype, "grad")  # never written
 
 
-def check_found_inf(backend, device):
+def check_found_inf(backend, device, mode="explore", shapes=((7,), (4097,), (0,))):
     """A nonzero found_inf writes nothing at all."""
     generator = torch.Generator().manual_seed(3)
-    shapes = [(7,), (4097,), (0,)]
     params, grads, avgs, sqs, scores, masks = _state(shapes, torch.float32, generator, device)
     before = [t.clone() for t in params + avgs + sqs + scores]
     found_inf = torch.ones((), device=device)
-    backend.update(params, grads, avgs, sqs, [1, 2, 3], **HYPER, scores=scores, reset_scores=[True] * 3,
-                   found_inf=found_inf, inv_scale=torch.full((), 0.5, device=device))
-    for old, new in zip(before, params + avgs + sqs + scores):
-        assert torch.equal(old, new)
+    backend.update(params, grads, avgs, sqs, list(range(1, len(shapes) + 1)), **HYPER,
+                   **_mode_arguments(mode, scores, masks), found_inf=found_inf,
+                   inv_scale=torch.full((), 0.5, device=device))
+    for i, (old, new) in enumerate(zip(before, params + avgs + sqs + scores)):
+        assert torch.equal(old, new), f"tensor {i} changed"
+
+
+def check_masked_out_inf(backend, device, shapes, index):
+    """"grad" semantics multiply the gradient by the mask bit, as the reference does: an
+    inf gradient that the mask drops (in tensor `index`) gives NaN (inf * 0), not 0."""
+    generator = torch.Generator().manual_seed(5)
+    params, grads, avgs, sqs, _, masks = _state(shapes, torch.float32, generator, device)
+    dropped = ~selection.unpack_mask(masks[index].cpu(), (grads[index].numel(),))
+    grads[index].view(-1)[dropped.nonzero()[0].to(grads[index].device)] = float("inf")
+    steps = [1] * len(shapes)
+    copies = [[t.cpu().clone() for t in group] for group in (params, grads, avgs, sqs, masks)]
+    backend.update(params, grads, avgs, sqs, steps, **HYPER, masks=masks)
+    reference.update(*copies[:4], steps, **HYPER, masks=copies[4])
+    got, want = params[index].cpu(), copies[0][index]
+    assert want.isnan().any()
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)
 
 
 def check_fallback(backend, device):
@@ -136,7 +167,6 @@ def check_fallback(backend, device):
     for got, expected in zip((params, avgs, sqs, scores), want):
         for g, w in zip(got, expected):
             torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=1e-6)
-
 
 
 def check_masked_norms(backend, device, dtype):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend_checks import (CHUNK, DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_masked_norms,
-                            check_select, check_select_many, check_update)
+                            check_masked_out_inf, check_select, check_select_many, check_update)
 from backend_parity import assert_matches_reference, cases
 from dps_fast import DPSAdamW, backends
 
@@ -62,11 +62,11 @@ def test_select_masks_of_many_tensors():
 @pytest.mark.parametrize("sigmas", [4.0, 0.0], ids=["sampled", "bounds-missed"])
 @pytest.mark.parametrize("kind", ["random", "tied", "signed"])
 def test_select_masks_of_large_tensors(kind, sigmas):
-    """Tensors of 2^18 entries or more: sample-bounded selection, falling back to the
+    """Tensors of sampled_min_entries or more: sample-bounded selection, falling back to the
     radix select when its bounds miss (forced with zero-width bounds) or ties crowd them."""
     old = kernels.set_sample_sigmas(sigmas)
     try:
-        check_select(cpu, "cpu", (1 << 18) + 37, kind)
+        check_select(cpu, "cpu", kernels.sampled_min_entries + 37, kind)
     finally:
         kernels.set_sample_sigmas(old)
 
@@ -85,6 +85,10 @@ def test_update_with_grad_scaler_and_clip(mode):
 
 def test_found_inf_writes_nothing():
     check_found_inf(cpu, "cpu")
+
+
+def test_masked_out_inf_gradient_gives_nan_as_the_reference():
+    check_masked_out_inf(cpu, "cpu", [(7,), (4097,)], index=1)
 
 
 def test_tensors_the_kernels_do_not_take_follow_the_reference():

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend_checks import (DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_masked_norms, check_select,
-                            check_select_many, check_update)
+from backend_checks import (DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_masked_norms,
+                            check_masked_out_inf, check_select, check_select_many, check_update)
 from backend_parity import assert_matches_reference, cases
 from scaler_checks import assert_sync_free_matches_host_synced
 from dps_fast import DPSAdamW, backends, selection
@@ -172,9 +172,15 @@ def test_matches_reference(case):
 
 @gpu
 @pytest.mark.parametrize("kind", ["random", "tied", "equal", "signed"])
-@pytest.mark.parametrize("numel", SIZES + [3 * 65536 + 33])
+@pytest.mark.parametrize("numel", SIZES)
 def test_select_masks_matches_reference(numel, kind):
     check_select(cuda_backend, "cuda", numel, kind)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["random", "tied", "equal", "signed"])
+def test_select_masks_of_several_select_chunks(kind):
+    check_select(cuda_backend, "cuda", 3 * KERNELS.select_chunk_entries + 33, kind)
 
 
 @gpu
@@ -186,7 +192,8 @@ def test_select_masks_of_many_tensors():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_update_matches_reference(mode, dtype):
-    check_update(cuda_backend, "cuda", mode, dtype, [(2 * 16384 + 37,), (7,), (0,), (1,), (33, 17), (4097,)])
+    chunk = KERNELS.update_chunk_entries
+    check_update(cuda_backend, "cuda", mode, dtype, [(2 * chunk + 37,), (7,), (0,), (1,), (33, 17), (4097,)])
 
 
 @gpu
@@ -228,6 +235,11 @@ def test_found_inf_writes_nothing():
 
 
 @gpu
+def test_masked_out_inf_gradient_gives_nan_as_the_reference():
+    check_masked_out_inf(cuda_backend, "cuda", [(7,), (4097,)], index=1)
+
+
+@gpu
 def test_tensors_the_kernels_do_not_take_follow_the_reference():
     check_fallback(cuda_backend, "cuda")
 
@@ -246,7 +258,7 @@ class _SyncDebugError:
 
 class _NoHostWaits(_SyncDebugError):
     """The same, and the module's own waits (staging buffers allocated or freed,
-    events waited on: kernels.cu's Staging::acquire) stay put."""
+    events waited on: staging.cu's Staging::acquire) stay put."""
 
     def __enter__(self):
         self.waits = KERNELS.host_waits()
