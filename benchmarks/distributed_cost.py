@@ -152,9 +152,9 @@ def main():
           f"median of {args.repeats}.\n")
     print("| per stage boundary, per rank | value |")
     print("|---|---|")
-    print(f"| all-reduce calls | {r['calls']} ({distributed.ROUNDS} rounds of {distributed.RADIX_BITS}-bit radix) |")
+    print(f"| all-reduce calls | {r['calls']} ({distributed.PASSES} passes of {distributed.DIGIT_BITS}-bit digits) |")
     print(f"| all-reduce payload | {r['payload']:,} bytes = {per_tensor:,} bytes per tensor "
-          f"({distributed.ROUNDS} x {distributed.BINS} int64 counts) |")
+          f"({distributed.PASSES} x {distributed.BINS} int64 counts) |")
     if r["loopback"] is not None:
         print(f"| loopback bytes sent meanwhile (both ranks, TCP included) | {r['loopback']:,} |")
     gather_bytes = (WORLD - 1) * r["entries"] // WORLD * 4

@@ -31,10 +31,7 @@ import torch.distributed as dist
 
 from . import selection
 
-# The digit plan of the Python and Triton selections (csrc/dps_select.h, Note [digit plan]).
-DIGIT_BITS = 8
-BINS = 1 << DIGIT_BITS
-PASSES = selection.KEY_BITS // DIGIT_BITS
+DIGIT_BITS, BINS, PASSES = selection.DIGIT_BITS, selection.BINS, selection.PASSES  # the digit plan
 MASK_KEYS = ("mask", "mask_stage")
 
 

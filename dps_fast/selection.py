@@ -7,8 +7,11 @@ scores tie at t).
 
 Scores are compared through their order key (`order_keys`), a 32-bit
 unsigned integer per fp32 score that orders like the float. It is the one
-vocabulary of every selection (the C++ `score_key` in csrc/dps_select.h, the
-Triton `_order_key`, the distributed radix select):
+vocabulary of every selection (the C++ and Triton `order_key`, in
+csrc/dps_select.h and dps_fast/backends/triton_backend/select_kernels.py,
+and dps_fast.distributed's radix select; csrc/dps_select.h names their
+steps: histogram, narrow, pack; its Note [digit plan] says why the C++
+kernels use 11/11/10-bit digits where the others use DIGIT_BITS):
   - a NaN score ranks as -inf: it is kept only when fewer than k entries
     rank above -inf (and then with every entry tied at the threshold), so a
     mask never holds fewer than k entries;
@@ -20,6 +23,12 @@ from fractions import Fraction
 import torch
 
 KEY_BITS = 32  # order keys are uint32 values (held in int64 tensors here)
+# The digit plan of the Python and Triton radix selections (dps_fast.distributed, the Triton
+# backend): 8-bit digits of the order key, most significant first; csrc/dps_select.h,
+# Note [digit plan], says why the C++ kernels split it into 11, 11 and 10 bits.
+DIGIT_BITS = 8
+PASSES = KEY_BITS // DIGIT_BITS
+BINS = 1 << DIGIT_BITS
 _SIGN = 1 << 31
 _ALL = (1 << 32) - 1
 

@@ -14,6 +14,7 @@ from .tables import INTERPRETED
 from .update_kernels import update
 
 NAME = "triton"
+__all__ = ["NAME", "unavailable_reason", "update", "select_masks", "masked_norms"]  # the backend contract
 
 
 def unavailable_reason(device: torch.device):

@@ -10,15 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import distributed, selection
+from ... import selection
 from .tables import CHUNK, UNTUNED_CONFIG, address, addressable, chunk_of_program, launching_on, upload
 
 # Columns of a row of the selection's table, after NUMEL and FIRST_CHUNK (Note [table layout]).
 SCORE, MASK_BITS = tl.constexpr(2), tl.constexpr(3)
 FIELDS = tl.constexpr(4)
 
-DIGIT_BITS = tl.constexpr(distributed.DIGIT_BITS)
-BINS = tl.constexpr(distributed.BINS)
+DIGIT_BITS = tl.constexpr(selection.DIGIT_BITS)
+BINS = tl.constexpr(selection.BINS)
 KEY_BITS = tl.constexpr(selection.KEY_BITS)
 
 
@@ -115,10 +115,10 @@ def select_masks(scores, sparsity):
         state += [0, selection.kept_count(numel, sparsity)]
     (rows, owners, state, _), n_chunks = upload(
         device, [[score.data_ptr(), masks[i].data_ptr()] for i, score in zip(live, ready)], numels, extra=state)
-    hist = torch.zeros(distributed.PASSES, len(live), BINS, dtype=torch.int64, device=device)
+    hist = torch.zeros(selection.PASSES, len(live), BINS, dtype=torch.int64, device=device)
     block, num_warps = UNTUNED_CONFIG
     with launching_on(device):
-        for pass_ in range(distributed.PASSES):
+        for pass_ in range(selection.PASSES):
             _histogram_kernel[(n_chunks,)](rows, owners, state, hist[pass_], PASS=pass_, CHUNK=CHUNK,
                                            BLOCK=block, num_warps=num_warps)
             _narrow_kernel[(len(live),)](hist[pass_], state, num_warps=1)
