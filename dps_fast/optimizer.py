@@ -83,8 +83,8 @@ class DPSAdamW(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused, sparsity=sparsity,
-                        stage_steps=options.stage_steps(stage_steps, total_steps, stage_ratio), stage_ratio=stage_ratio,
-                        variant=variant, masked=masked, dps=True)
+                        stage_steps=options.stage_steps(stage_steps, total_steps, stage_ratio),
+                        stage_ratio=stage_ratio, variant=variant, masked=masked, dps=True)
         # checked as a plain group (a group may give its own stage length), then as a managed one
         options.check_group({**defaults, "dps": False}, backend)
         if defaults["stage_steps"] is not None:
