@@ -2,6 +2,7 @@
 row, keeps its JSON when stopped, renders one bytes model, and refuses bad
 options as usage errors before running anything (no timing checks)."""
 import json
+import shlex
 
 import pytest
 import torch
@@ -132,41 +133,43 @@ def saved(tmp_path):
     return good, bad
 
 
-BAD_OPTIONS = {
-    "unknown backend": (["--backends", "nope"], "--backends"),
-    "no backend": (["--backends", ","], "--backends"),
-    "backend that runs on no device": (["--backends", "cuda", "--device", "cpu"], "--backends"),
-    "no repetition": (["--min-reps", "0", "--max-reps", "0"], "--min-reps"),
-    "max below min": (["--min-reps", "5", "--max-reps", "2"], "--min-reps"),
-    "max reps 0": (["--max-reps", "0"], "--max-reps"),
-    "fractional reps": (["--min-reps", "1.5"], "--min-reps"),
-    "negative seconds": (["--seconds", "-1"], "--seconds"),
-    "nan seconds": (["--seconds", "nan"], "--seconds"),
-    "infinite seconds": (["--seconds", "inf"], "--seconds"),
-    "negative warm-up": (["--warmup", "-1"], "--warmup"),
-    "zero scale": (["--scale", "0"], "--scale"),
-    "negative scale": (["--scale", "-0.5"], "--scale"),
-    "scale not a number": (["--scale", "big"], "--scale"),
-    "scale past the memory": (["--scale", "1e9", "--device", "cpu"], "--scale"),
-    "no thread": (["--threads", "0"], "--threads"),
-    "unknown section": (["--sections", "step,nope"], "--sections"),
-    "no section": (["--sections", ""], "--sections"),
-    "unknown device": (["--device", "tpu"], "--device"),
-    "device without the bench": (["--device", "meta"], "--device"),
-    "device twice": (["--device", "cpu,cpu"], "--device"),
-    "gpu past the count": (["--device", "cuda:99"], "--device"),
-    "train of three": (["--train", "1,2,3"], "--train"),
-    "train with a zero": (["--train", "0,32,2,64,2,8"], "--train"),
-    "heads not dividing the width": (["--train", "1,30,4,64,2,8"], "--train"),
-    "json in a missing folder": (["--json", "{tmp}/missing/bench.json"], "--json"),
-    "json onto a folder": (["--json", "{tmp}"], "--json"),
-    "plot in a missing folder": (["--plot", "{tmp}/missing/bench.png"], "--plot"),
-    "plot of an unknown format": (["--plot", "{tmp}/bench.nope"], "--plot"),
-    "json and plot the same file": (["--json", "{tmp}/out", "--plot", "{tmp}/out"], "--json and --plot"),
-    "from a missing json": (["--from-json", "{tmp}/absent.json"], "--from-json"),
-    "from a json that is no result": (["--from-json", "{bad}"], "--from-json"),
-    "json with from-json": (["--from-json", "{good}", "--json", "{tmp}/x.json"], "--json"),
-}
+# name | the options (shell words) | the flag the usage error must name
+BAD_OPTIONS = {name.strip(): (shlex.split(argv), flag.strip()) for name, argv, flag in (
+    line.split(" | ") for line in """
+unknown backend                  | --backends nope                              | --backends
+no backend                       | --backends ,                                 | --backends
+backend that runs on no device   | --backends cuda --device cpu                 | --backends
+no repetition                    | --min-reps 0 --max-reps 0                    | --min-reps
+max below min                    | --min-reps 5 --max-reps 2                    | --min-reps
+max reps 0                       | --max-reps 0                                 | --max-reps
+fractional reps                  | --min-reps 1.5                               | --min-reps
+negative seconds                 | --seconds -1                                 | --seconds
+nan seconds                      | --seconds nan                                | --seconds
+infinite seconds                 | --seconds inf                                | --seconds
+negative warm-up                 | --warmup -1                                  | --warmup
+zero scale                       | --scale 0                                    | --scale
+negative scale                   | --scale -0.5                                 | --scale
+scale not a number               | --scale big                                  | --scale
+scale past the memory            | --scale 1e9 --device cpu                     | --scale
+no thread                        | --threads 0                                  | --threads
+unknown section                  | --sections step,nope                         | --sections
+no section                       | --sections ''                                | --sections
+unknown device                   | --device tpu                                 | --device
+device without the bench         | --device meta                                | --device
+device twice                     | --device cpu,cpu                             | --device
+gpu past the count               | --device cuda:99                             | --device
+train of three                   | --train 1,2,3                                | --train
+train with a zero                | --train 0,32,2,64,2,8                        | --train
+heads not dividing the width     | --train 1,30,4,64,2,8                        | --train
+json in a missing folder         | --json {tmp}/missing/bench.json              | --json
+json onto a folder               | --json {tmp}                                 | --json
+plot in a missing folder         | --plot {tmp}/missing/bench.png               | --plot
+plot of an unknown format        | --plot {tmp}/bench.nope                      | --plot
+json and plot the same file      | --json {tmp}/out --plot {tmp}/out            | --json and --plot
+from a missing json              | --from-json {tmp}/absent.json                | --from-json
+from a json that is no result    | --from-json {bad}                            | --from-json
+json with from-json              | --from-json {good} --json {tmp}/x.json       | --json
+""".strip().splitlines())}
 
 
 @pytest.mark.parametrize("argv,flag", BAD_OPTIONS.values(), ids=BAD_OPTIONS)
