@@ -54,6 +54,18 @@ DPS_HD uint32_t order_key(float x) {  // branch-free: selects, so the loops vect
   return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
 }
 
+// The fp32 value whose order key is `key` (the inverse of order_key on non-NaN,
+// non-negative-zero values).
+DPS_HD float key_to_score(uint32_t key) {
+  return bits_to_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// For every non-NaN x, order_key(x) >= key  <=>  x >= key_to_score(key) (-0.0 and +0.0
+// compare equal either way); a NaN ranks as -inf. So a pack can compare floats, which
+// vectorises better, unless the threshold is -inf's key, when every entry is kept.
+constexpr uint32_t kMinusInfKey = 0x007fffffu;  // order_key(-inf), the smallest key
+constexpr uint32_t kPlusInfKey = 0xff800000u;   // order_key(+inf), the largest
+
 // The search state of one tensor between passes.
 struct RadixState {
   uint32_t prefix;       // digits found so far, in place

@@ -28,8 +28,8 @@ def make_scores(kind, numel, generator):
         return torch.randint(0, 4, (numel,), generator=generator).float()
     if kind == "equal":
         return torch.full((numel,), 0.25)
-    # signed values, both zeros, infinities, tiny numbers: the key orders them as floats do
-    values = torch.tensor([-1.5, -0.0, 0.0, 2.0, float("inf"), -float("inf"), 1e-30, -1e-30, 1e-45])
+    # signed values, both zeros, infinities, tiny numbers, NaN (ranks as -inf): the order key of dps_fast.selection
+    values = torch.tensor([-1.5, -0.0, 0.0, 2.0, float("inf"), -float("inf"), 1e-30, -1e-30, 1e-45, float("nan")])
     return values[torch.randint(0, len(values), (numel,), generator=generator)]
 
 

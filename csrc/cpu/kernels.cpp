@@ -103,12 +103,22 @@ int64_t collect(const float* __restrict score, int64_t begin, int64_t end, uint3
                 uint32_t* __restrict out, int64_t cap, int64_t* above) {
   // Branch-free vector passes over 32 entries (bit masks, like pack() below);
   // the rare ones in [low, high] are then picked out of their mask.
+  // Keys compare as their floats (kMinusInfKey in dps_select.h) when both bounds are keys of
+  // numbers above -inf (a NaN has -inf's key); else (e.g. the open bounds 0 and ~0) as keys.
+  const bool by_key = !(low > kMinusInfKey && high <= kPlusInfKey);
+  const float low_score = key_to_score(low), high_score = key_to_score(high);
   int64_t count = 0, found = 0;
   int64_t i = begin;
   for (; i + 32 <= end; i += 32) {
     uint32_t over = 0, inside = 0;
-    for (int j = 0; j < 32; ++j) over |= (uint32_t)(order_key(score[i + j]) > high) << j;
-    for (int j = 0; j < 32; ++j) inside |= (uint32_t)(order_key(score[i + j]) - low <= high - low) << j;
+    if (by_key) {
+      for (int j = 0; j < 32; ++j) over |= (uint32_t)(order_key(score[i + j]) > high) << j;
+      for (int j = 0; j < 32; ++j) inside |= (uint32_t)(order_key(score[i + j]) - low <= high - low) << j;
+    } else {
+      for (int j = 0; j < 32; ++j) over |= (uint32_t)(score[i + j] > high_score) << j;
+      for (int j = 0; j < 32; ++j)
+        inside |= (uint32_t)(score[i + j] >= low_score && score[i + j] <= high_score) << j;
+    }
     count += __builtin_popcount(over);
     while (inside) {
       if (found == cap) return -1;
@@ -128,16 +138,21 @@ int64_t collect(const float* __restrict score, int64_t begin, int64_t end, uint3
   return found;
 }
 
+constexpr uint32_t kAllKept = 0xffffffffu;
+
 void pack(const float* __restrict score, uint8_t* __restrict mask, int64_t begin, int64_t end, uint32_t threshold) {
+  // order_key(score) >= threshold, as a float comparison (see kMinusInfKey in dps_select.h)
+  const bool all = threshold == kMinusInfKey;
+  const float t = key_to_score(threshold);
   int64_t i = begin;
   for (; i + 32 <= end; i += 32) {
     uint32_t word = 0;
-    for (int j = 0; j < 32; ++j) word |= (uint32_t)(order_key(score[i + j]) >= threshold) << j;
-    memcpy(mask + (i >> 3), &word, 4);
+    for (int j = 0; j < 32; ++j) word |= (uint32_t)(score[i + j] >= t) << j;
+    memcpy(mask + (i >> 3), all ? &kAllKept : &word, 4);
   }
   for (; i < end; i += 8) {  // the last partial word, byte by byte; bits past `end` stay 0
     uint32_t byte = 0;
-    for (int j = 0; j < 8 && i + j < end; ++j) byte |= (uint32_t)(order_key(score[i + j]) >= threshold) << j;
+    for (int j = 0; j < 8 && i + j < end; ++j) byte |= (uint32_t)(all || score[i + j] >= t) << j;
     mask[i >> 3] = (uint8_t)byte;
   }
 }
