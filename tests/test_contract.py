@@ -332,7 +332,10 @@ def test_compiled_training_step_equals_eager(backend):
             opt.step()
             return loss
 
-        runs.append(torch.compile(train_step) if net is model else train_step)
+        # aot_eager: Dynamo's capture around the eager step, and AOTAutograd, without inductor's
+        # C++ code, which on torch 2.13's CPU build gives wrong gradients under ATEN_CPU_CAPABILITY=avx2
+        # and can corrupt the heap for such a function (plain torch, no DPSAdamW: seen on this machine)
+        runs.append(torch.compile(train_step, backend="aot_eager") if net is model else train_step)
     for step in range(6):
         for train_step in runs:
             train_step()
