@@ -48,20 +48,20 @@ METHODS = ("adamw", "dps", "dps-mix", "childtuning-f", "childtuning-d", "mixout"
 class ChildTuningAdamW(DPSAdamW):
     """ChildTuning-F (mode="F") or -D (mode="D") as a DPSAdamW whose every step exploits.
 
-    reserve: q, the fraction of each managed tensor updated at a step (F) or
+    keep_fraction: q, the fraction of each managed tensor updated at a step (F) or
         overall (D). Other arguments as DPSAdamW (no sparsity, stage_steps,
         variant: those are fixed here). For mode="D" call set_masks(...)
         (e.g. with fisher_masks) before the first step; tensors without a
         mask are updated densely.
     """
 
-    def __init__(self, params, mode, reserve=0.3, **kwargs):
+    def __init__(self, params, mode, keep_fraction=0.3, **kwargs):
         if mode not in ("F", "D"):
             raise ValueError(f"mode must be 'F' or 'D'; got {mode!r}")
-        if not 0 < reserve <= 1:
-            raise ValueError(f"reserve must be a number in (0, 1]; got {reserve!r}")
-        self.mode, self.reserve = mode, reserve
-        super().__init__(params, sparsity=1 - reserve, stage_steps=1, variant="dense", **kwargs)
+        if not 0 < keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be a number in (0, 1]; got {keep_fraction!r}")
+        self.mode, self.keep_fraction = mode, keep_fraction
+        super().__init__(params, sparsity=1 - keep_fraction, stage_steps=1, variant="dense", **kwargs)
 
     def schedule_phase(self, group, step):
         return EXPLOIT
@@ -75,12 +75,12 @@ class ChildTuningAdamW(DPSAdamW):
         for param in params:  # stage == step: one fresh draw per step, shared by clip_grad_norm_ and step
             state = self.state[param]
             if state.get("mask_stage") != stage:
-                keep = torch.rand(param.shape, device=param.device) < self.reserve
+                keep = torch.rand(param.shape, device=param.device) < self.keep_fraction
                 state["mask"] = selection.pack_mask(keep)
                 state["mask_stage"] = stage
 
     def gradient_factor(self, group):
-        return 1 / self.reserve if self.mode == "F" and group["dps"] else None
+        return 1 / self.keep_fraction if self.mode == "F" and group["dps"] else None
 
     def set_masks(self, masks):
         """Fix the mask of each managed param: `masks` maps param -> bool tensor."""
@@ -106,11 +106,11 @@ class MixoutAdamW(DPSAdamW):
 
 
 @torch.enable_grad()
-def fisher_masks(params, loss_batches, reserve=0.3, max_grad_norm=1.0):
+def fisher_masks(params, loss_batches, keep_fraction=0.3, max_grad_norm=1.0):
     """ChildTuning-D's masks: for each param, the mean over `loss_batches`
     (callables returning a loss; one pass over the training data) of its
     squared gradient, each tensor's gradient clipped to `max_grad_norm` first
-    as published; one threshold over all params keeps the top `reserve`
+    as published; one threshold over all params keeps the top `keep_fraction`
     fraction (ties at the threshold kept). Returns {param: bool mask}."""
     params = list(params)
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -129,7 +129,7 @@ def fisher_masks(params, loss_batches, reserve=0.3, max_grad_norm=1.0):
     if count == 0:
         raise ValueError("fisher_masks needs at least one batch")
     flat = torch.cat([f.reshape(-1) for f in fisher])  # the /count of the mean does not change the ranking
-    key = selection.threshold_key(flat, 1 - reserve)
+    key = selection.threshold_key(flat, 1 - keep_fraction)
     return {p: selection.order_keys(f) >= key for p, f in zip(params, fisher)}
 
 
@@ -149,7 +149,7 @@ def childtuning_groups(model, weight_decay=0.01):
 
 
 def build_optimizer(method, model, total_steps, lr, weight_decay=0.01, sparsity=0.3, stage_ratio=0.05,
-                    reserve=0.3, fisher_batches=None, max_grad_norm=1.0, backend="auto"):
+                    keep_fraction=0.3, fisher_batches=None, max_grad_norm=1.0, backend="auto"):
     """The optimizer of `method` for `model` and the clip function its loop
     calls between backward and step: returns (optimizer, clip(max_norm)).
 
@@ -171,12 +171,12 @@ def build_optimizer(method, model, total_steps, lr, weight_decay=0.01, sparsity=
         opt = MixoutAdamW(param_groups(model, weight_decay), lr=lr, mix_prob=sparsity, backend=backend)
     else:
         groups = childtuning_groups(model, weight_decay)
-        opt = ChildTuningAdamW(groups, mode=method[-1].upper(), reserve=reserve, lr=lr, backend=backend)
+        opt = ChildTuningAdamW(groups, mode=method[-1].upper(), keep_fraction=keep_fraction, lr=lr, backend=backend)
         if method == "childtuning-d":
             if fisher_batches is None:
                 raise ValueError("childtuning-d needs fisher_batches (one pass over the training data)")
             managed = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
-            opt.set_masks(fisher_masks(managed, fisher_batches, reserve, max_grad_norm))
+            opt.set_masks(fisher_masks(managed, fisher_batches, keep_fraction, max_grad_norm))
             model.zero_grad(set_to_none=True)  # the pass left gradients on the unmanaged params too
         return opt, clip_raw
     if method in ("dps-mix", "mixout"):

@@ -108,10 +108,10 @@ def test_childtuning_is_adamw_on_masked_gradients(mode):
     D: one fixed mask, gradient * mask; both then a plain AdamW step."""
     model, reference = tiny_bert(), tiny_bert()
     q = 0.3
-    opt = ChildTuningAdamW(childtuning_groups(model), mode=mode, reserve=q, lr=1e-3)
+    opt = ChildTuningAdamW(childtuning_groups(model), mode=mode, keep_fraction=q, lr=1e-3)
     ref_opt = torch.optim.AdamW(childtuning_groups(reference), lr=1e-3)
     if mode == "D":
-        masks = fisher_masks(managed(opt), [lambda s=s: loss_of(model, s) for s in range(3)], reserve=q)
+        masks = fisher_masks(managed(opt), [lambda s=s: loss_of(model, s) for s in range(3)], keep_fraction=q)
         opt.set_masks(masks)
     ref_managed = {id(r): p for p, r in zip(model.parameters(), reference.parameters()) if p in set(managed(opt))}
     seen = []
@@ -143,7 +143,7 @@ def test_childtuning_is_adamw_on_masked_gradients(mode):
 def test_fisher_masks_use_one_global_threshold():
     model = tiny_bert()
     params = [p for n, p in model.named_parameters() if "encoder.layer" in n and n.endswith("dense.weight")]
-    masks = fisher_masks(params, [lambda s=s: loss_of(model, s) for s in range(4)], reserve=0.3)
+    masks = fisher_masks(params, [lambda s=s: loss_of(model, s) for s in range(4)], keep_fraction=0.3)
     total = sum(p.numel() for p in params)
     kept = sum(m.sum().item() for m in masks.values())
     assert kept >= math.ceil(0.3 * total) and kept < 0.3 * total + 5  # ties are rare

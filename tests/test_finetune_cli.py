@@ -67,8 +67,8 @@ BAD_OPTIONS = [
     (["--lr", "1e-4,inf"], ["--lr"]),
     (["--sparsity", "1"], ["--sparsity", "[0, 1)"]),
     (["--sparsity", "-0.1"], ["--sparsity"]),
-    (["--reserve", "0"], ["--reserve", "(0, 1]"]),
-    (["--reserve", "1.5"], ["--reserve"]),
+    (["--keep-fraction", "0"], ["--keep-fraction", "(0, 1]"]),
+    (["--reserve", "1.5"], ["--keep-fraction"]),  # the published code's name, an alias
     (["--stage-ratio", "0"], ["--stage-ratio"]),
     (["--stage-ratio", "2"], ["--stage-ratio"]),
     (["--steps", "2"], ["--stage-ratio 0.05", "int(2 * 0.05) = 0", "--steps 2", "at least 20 steps"]),
@@ -173,7 +173,7 @@ def test_cli_runs_tabulates_and_reloads(tmp_path, capsys):
     assert [r["lr"] for r in saved["recipes"]] == [5e-5, 1e-3] and saved["wall_seconds"] >= 0
     assert saved["command"] == (
         "dps-fast finetune --task trec --method adamw,dps --seeds 1 --first-seed 3 --train-size 16 --steps 2 "
-        "--lr 5e-05,0.001 --batch-size 16 --max-length 16 --sparsity 0.3 --stage-ratio 0.5 --reserve 0.3 "
+        "--lr 5e-05,0.001 --batch-size 16 --max-length 16 --sparsity 0.3 --stage-ratio 0.5 --keep-fraction 0.3 "
         "--backend auto --dev-size 32 --eval-every 0.5")
     assert main(["finetune", "--load", str(path)]) == 0
     assert "| trec | 16 | 0.001 | 2 | dps | 1 |" in capsys.readouterr().out

@@ -95,8 +95,9 @@ def add_arguments(parser):
                         help="DPS p and Mixout mixing probability, in [0, 1) (default 0.3)")
     parser.add_argument("--stage-ratio", type=_number(float, 0, 1, low_open=True), default=default.stage_ratio,
                         help="DPS T = int(steps * ratio), ratio in (0, 1] (default 0.05)")
-    parser.add_argument("--reserve", type=_number(float, 0, 1, low_open=True), default=default.reserve,
-                        help="ChildTuning q, in (0, 1] (default 0.3)")
+    parser.add_argument("--keep-fraction", "--reserve", dest="keep_fraction", type=_number(float, 0, 1, low_open=True),
+                        default=default.keep_fraction,
+                        help="ChildTuning q, the fraction updated, in (0, 1] (default 0.3; --reserve: its code's name)")
     parser.add_argument("--backend", choices=CHOICES, default=default.backend,
                         help="DPSAdamW backend of every method but adamw (default auto)")
     parser.add_argument("--dev-size", type=POSITIVE_INT, default=None,
@@ -217,7 +218,7 @@ def check(args):
         error("argument --ood-size: give --ood too")
     budgets = [dict(steps=s) for s in args.steps] if args.steps else [dict(epochs=e) for e in args.epochs]
     recipes = [Recipe(lr=lr, batch_size=args.batch_size, max_length=args.max_length, sparsity=args.sparsity,
-                      stage_ratio=args.stage_ratio, reserve=args.reserve, backend=args.backend, **budget)
+                      stage_ratio=args.stage_ratio, keep_fraction=args.keep_fraction, backend=args.backend, **budget)
                for lr in args.lr for budget in budgets]
     try:
         for task in args.task:
@@ -265,7 +266,7 @@ def command_line(args):
     """The command that repeats this study (training options only, all spelled out)."""
     words = ["dps-fast", "finetune"]
     for flag in ("task", "method", "seeds", "first_seed", "train_size", "steps", "epochs", "lr", "batch_size",
-                 "max_length", "sparsity", "stage_ratio", "reserve", "backend", "dev_size", "eval_every", "ood",
+                 "max_length", "sparsity", "stage_ratio", "keep_fraction", "backend", "dev_size", "eval_every", "ood",
                  "ood_size", "device", "threads"):
         value = getattr(args, flag)
         if value is None or value == [] or (flag == "epochs" and args.steps is not None):
@@ -282,7 +283,7 @@ def _describe(recipes, device, threads):
     return (f"bundled all-MiniLM-L6-v2, device {device} ({threads} threads); lr {lrs} (each for every method), "
             f"batch {r.batch_size}, {budget}, warmup {r.warmup_ratio:.0%} + linear decay, weight decay "
             f"{r.weight_decay}, dropout {r.dropout}, clip {r.max_grad_norm}; DPS p={r.sparsity} "
-            f"T=int({r.stage_ratio}*steps); ChildTuning q={r.reserve}; Mixout p={r.sparsity}; "
+            f"T=int({r.stage_ratio}*steps); ChildTuning q={r.keep_fraction}; Mixout p={r.sparsity}; "
             f"DPSAdamW backend {r.backend}")
 
 

@@ -19,7 +19,7 @@ class Recipe:
     max_length: int = None  # None: the task's default (data.TASKS)
     sparsity: float = 0.3  # DPS p, also Mixout's mixing probability
     stage_ratio: float = 0.05
-    reserve: float = 0.3  # ChildTuning q
+    keep_fraction: float = 0.3  # ChildTuning q (its code's reserve_p)
     backend: str = "auto"  # DPSAdamW's backend (all methods but adamw)
 
     def total_steps(self, train_size):
@@ -153,7 +153,7 @@ def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_ste
             for i in range(0, len(train), recipe.batch_size)]
     optimizer, clip = build_optimizer(
         method, model, steps, recipe.lr, weight_decay=recipe.weight_decay, sparsity=recipe.sparsity,
-        stage_ratio=recipe.stage_ratio, reserve=recipe.reserve, fisher_batches=fisher_batches,
+        stage_ratio=recipe.stage_ratio, keep_fraction=recipe.keep_fraction, fisher_batches=fisher_batches,
         max_grad_norm=recipe.max_grad_norm, backend=recipe.backend)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(recipe.warmup_ratio * steps), steps)
     losses, curve, seconds_curve = [], [], 0.0
