@@ -21,7 +21,7 @@
 //
 // Note [digit plan]
 // Python and Triton split the key into 4 digits of 8 bits (DIGIT_BITS in
-// dps_fast.distributed); the C++ kernels into 3 digits of 11, 11 and 10 bits
+// dps_fast.selection); the C++ kernels into 3 digits of 11, 11 and 10 bits
 // (kPasses, kBins, digit_shift and digit_mask below). The reason is the GPU:
 // each pass reads every score again, so 3 passes and the pack read them 4
 // times, not 5 (Triton stays at 8 bits because tl.histogram's cost grows with

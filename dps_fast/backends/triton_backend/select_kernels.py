@@ -4,7 +4,7 @@ csrc/dps_select.h: PASSES passes of a histogram (tl.histogram of one digit
 over the candidates: BINS bins per tensor, summed with atomics) and a narrow
 (one program per tensor), then a pack of the mask bits. Reads
 (PASSES + 1) x 4 B per entry, writes 1/8 B; no sort, no copy of the scores.
-The digit plan is dps_fast.distributed's (csrc/dps_select.h, Note [digit plan]).
+The digit plan is dps_fast.selection's (csrc/dps_select.h, Note [digit plan]).
 """
 import torch
 import triton
