@@ -3,8 +3,8 @@ checks, converts and migrates what it is given (DPSAdamW's methods call these).
 
 A load builds the whole new state before anything changes, so a failed load
 leaves the optimizer as it was. Each entry goes through param_state.adopt
-(fits its parameter, or is converted losslessly, or is a ValueError naming
-the parameter and the key). A torch.optim.AdamW group (one without
+(fits its parameter, or is converted to the form the kernels take, or is a
+ValueError naming the parameter and the key) and param_state.check_complete. A torch.optim.AdamW group (one without
 "dps_step") migrates: its hyperparameters, moments and steps are taken, the
 current group's DPS settings kept, and the DPS schedule starts at the next step.
 """
@@ -15,8 +15,10 @@ import torch
 
 from . import distributed, options, param_state
 
-# Group keys a torch.optim.AdamW state dict lacks; migrating one keeps them from the current groups.
-DPS_KEYS = ("dps", "sparsity", "stage_steps", "stage_ratio", "variant", "masked")
+# Group keys that migrating a torch.optim.AdamW state dict keeps from the current groups: those
+# AdamW lacks, and the implementation flags, which in DPSAdamW choose the backend (options.implementation).
+DPS_KEYS = ("dps", "sparsity", "stage_steps", "stage_ratio", "variant", "masked",
+            "foreach", "fused", "capturable", "differentiable")
 
 
 def saved(optimizer, state_dict):
@@ -41,20 +43,24 @@ def loaded(optimizer, state_dict):
                          "optimizer's group")
     groups = [_group(optimizer, i, group, saved_group)
               for i, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved_groups))]
-    owner = {}  # saved id -> (param, the saved group, its name)
+    owner = {}  # saved id -> (param, its new group, the saved group, its name)
     for i, (group, saved_group) in enumerate(zip(groups, saved_groups)):
         for j, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"])):
-            owner[saved_id] = (param, saved_group, f"param_groups[{i}]['params'][{j}]")
+            owner[saved_id] = (param, group, saved_group, f"param_groups[{i}]['params'][{j}]")
     state = defaultdict(dict)
     for key, entry in state_dict["state"].items():
         if key not in owner:
             state[key] = entry  # state not assigned to a parameter is kept as it is, as torch does
             continue
-        param, saved_group, where = owner[key]
+        param, group, saved_group, where = owner[key]
         if distributed.is_dtensor(param):  # its shards may be views of the state dict's tensors: copies
             entry = distributed.loaded_state(param, {k: v.clone() if isinstance(v, torch.Tensor) else v
                                                      for k, v in entry.items()})
         entry = {name: param_state.adopt(param, name, value, where) for name, value in entry.items()}
+        mixed = group["dps"] and group["variant"] == "mix"
+        if mixed and "mix_init" not in entry and "mix_init" in optimizer.state.get(param, {}):
+            entry["mix_init"] = optimizer.state[param]["mix_init"]  # W0 as attach_mix took it (an AdamW state)
+        param_state.check_complete(entry, mixed, where)
         if "schedule_start" not in saved_group:  # tags of an older dps_fast: stage numbers, now first steps
             stage_steps = saved_group.get("stage_steps") or 1
             entry.update({tag: (entry[tag] - 1) * stage_steps + 1 for tag in param_state.TAGS if tag in entry})

@@ -47,7 +47,8 @@ class DPSAdamW(Optimizer):
     Args:
         params: tensors, (name, tensor) pairs, or param groups. A group may
             override any argument below except backend (stage_steps, or
-            total_steps and stage_ratio, included); a group with "dps": False
+            total_steps and stage_ratio, included: a group's stage_ratio alone
+            applies to the optimizer's total_steps); a group with "dps": False
             is plain AdamW and needs no stage length.
         lr, betas, eps, weight_decay, maximize: as in torch.optim.AdamW (lr
             and betas may be 1-element tensors).
@@ -90,6 +91,7 @@ class DPSAdamW(Optimizer):
         if defaults["stage_steps"] is not None:
             options.check_group(defaults, backend)
         self.backend = backend
+        self.total_steps = total_steps  # a group's own stage_ratio applies to it
         self._reset_transient()
         super().__init__(params, defaults)
 
@@ -105,11 +107,12 @@ class DPSAdamW(Optimizer):
 
     def __getstate__(self):
         self._confirm_last_step()
-        return {**super().__getstate__(), "backend": self.backend}
+        return {**super().__getstate__(), "backend": self.backend, "total_steps": self.total_steps}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("total_steps", None)
         self._reset_transient()
 
     # ----- param groups and state -------------------------------------------------
@@ -118,7 +121,7 @@ class DPSAdamW(Optimizer):
         """Add a group; it joins the optimizer's step count (and so its stage)."""
         self._confirm_last_step()
         where = f"param group {len(self.param_groups)}: "
-        param_group = options.normalized_group(param_group, self.defaults["stage_ratio"], where)
+        param_group = options.normalized_group(param_group, self.defaults["stage_ratio"], self.total_steps, where)
         params = param_group["params"]
         group = {**self.defaults, **param_group, "params": params}
         options.check_group(group, self.backend, where)
@@ -348,6 +351,8 @@ class DPSAdamW(Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError("DPSAdamW does not support sparse gradients")
             param_state.check_group(self.state, group, params, index)
+            for device in {param.device for param in params}:  # a backend that cannot run: now, not halfway
+                self._backend_for(device, group)
             if group["dps"] and group["variant"] == "mix":
                 mix.check_mixed(self, params)
             work.append((group, params))

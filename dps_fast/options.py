@@ -119,10 +119,11 @@ def stage_steps(stage_steps, total_steps, stage_ratio, where=""):
     return length
 
 
-def normalized_group(param_group, default_stage_ratio, where=""):
+def normalized_group(param_group, default_stage_ratio, default_total_steps=None, where=""):
     """A copy of `param_group` whose "params" is a list of checked tensors (names of
     (name, tensor) pairs go to "param_names", as torch does) and whose stage length,
-    if the group gives one (stage_steps, or total_steps with stage_ratio), is stage_steps."""
+    if the group gives one (stage_steps, total_steps, or a stage_ratio of the
+    optimizer's total_steps), is stage_steps."""
     if not isinstance(param_group, dict):
         raise TypeError(f"param_group must be a dict; got {type(param_group).__name__}")
     group = dict(param_group)
@@ -142,4 +143,10 @@ def normalized_group(param_group, default_stage_ratio, where=""):
     if "stage_steps" in group or "total_steps" in group:
         group["stage_steps"] = stage_steps(group.get("stage_steps"), group.pop("total_steps", None),
                                            group.get("stage_ratio", default_stage_ratio), where)
+    elif "stage_ratio" in group:
+        if default_total_steps is None:
+            raise ValueError(f"{where}stage_ratio={group['stage_ratio']!r} sets T = int(total_steps * stage_ratio), "
+                             "and no total_steps was given: give total_steps (to this group or to the "
+                             "optimizer) or stage_steps")
+        group["stage_steps"] = stage_steps(None, default_total_steps, group["stage_ratio"], where)
     return group

@@ -17,8 +17,10 @@ tensor whose shape, dtype or device does not fit its parameter, so that no
 kernel is given a buffer shorter than what it indexes. Layout (strides) is
 the backends' business: a tensor that fits but is not contiguous is handed
 to the reference backend, or copied (dps_fast/backends).
-`adopt` brings a loaded entry to this form where that is lossless (another
-float dtype, a bool mask, other strides) and rejects it otherwise.
+`adopt` brings a loaded entry to this form (moments of another float dtype
+cast to the state dtype, as torch's load casts state to its parameter's; a
+bool mask packed; other strides copied to the parameter's) and rejects it
+otherwise; `check_complete` rejects an entry that lacks a piece the step reads.
 """
 import operator
 
@@ -123,10 +125,30 @@ def adopt(param, key, value, where):
     return value.clone() if value is loaded else value  # never shared with the state dict
 
 
+MOMENTS = ("step", "exp_avg", "exp_avg_sq")  # created together; an entry has all or none
+NEEDS = {"score_stage": "score", "mask_stage": "mask", "snapshot_stage": "mix_snapshot"}  # tag: its tensor
+
+
+def check_complete(entry, mixed, where):
+    """Raise ValueError naming `where` unless a loaded state entry holds every
+    piece the step reads together: the moments with their step, a tag with its
+    tensor, and in a DPS-Mix group (`mixed`) the keep counts of a score stage."""
+    present = [key for key in MOMENTS if key in entry]
+    if present and len(present) != len(MOMENTS):
+        missing = [key for key in MOMENTS if key not in entry]
+        raise ValueError(f"{where}: state has {present} but not {missing} (AdamW's state needs all of "
+                         f"{list(MOMENTS)})")
+    needs = dict(NEEDS, **({"score_stage": ("score", "mix_count")} if mixed else {}))
+    for tag, keys in needs.items():
+        for key in (keys,) if isinstance(keys, str) else keys:
+            if tag in entry and key not in entry:
+                raise ValueError(f"{where}: state has {tag!r} but not {key!r}, the tensor it tags")
+
+
 def check_group(states, group, params, index):
-    """ValueError naming the parameter (param_groups[index]['params'][j]) if a
-    gradient or a state entry of `params` (of param group `group`) no longer fits
-    it: a parameter reshaped or moved through .data, or state set by hand."""
+    """ValueError naming the parameter (param_groups[index]['params'][j]) if the
+    gradient or a state entry of one of `params` (of param group `group`) does not
+    fit it: a parameter reshaped or moved through .data, or state set by hand."""
     have = [p for p in params if "exp_avg" in states.get(p, ())]
 
     def where(chosen):
@@ -135,8 +157,9 @@ def check_group(states, group, params, index):
             return f"param_groups[{index}]['params'][{position}]"
         return name
 
-    entries = {"grad": [p.grad for p in have]}
-    entries.update({key: [states[p].get(key) for p in have] for key in ("exp_avg", "exp_avg_sq", "score", "mask")})
+    check_entries(distributed.local_all(params), "grad", distributed.local_all([p.grad for p in params]),
+                  where(params))
+    entries = {key: [states[p].get(key) for p in have] for key in ("exp_avg", "exp_avg_sq", "score", "mask")}
     for key, values in entries.items():
         chosen = [p for p, v in zip(have, values) if v is not None]
         if chosen:
@@ -145,11 +168,14 @@ def check_group(states, group, params, index):
                           values if key == "mask" else distributed.local_all(values), where(chosen))
 
 
-def check_update(params, grads, exp_avgs, exp_avg_sqs, scores=None, masks=None, where=None):
+def check_update(params, grads, exp_avgs, exp_avg_sqs, scores=None, masks=None, where=None, device=None):
     """Raise ValueError unless, for every i, grads[i], exp_avgs[i], exp_avg_sqs[i]
     and scores[i] have params[i]'s shape and device, the moments and scores
     state_dtype(params[i]), and masks[i] is params[i]'s packed mask (1-D uint8 of
-    packed_size(numel) bytes, same device). where(i) names params[i] in the message."""
+    packed_size(numel) bytes, same device); and, if `device` is given (the one the
+    kernels run on), every params[i] is on it. where(i) names params[i] in the message."""
+    if device is not None:
+        check_device(params, device, "params")
     entries = dict(grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs, score=scores, mask=masks)
     for key, values in entries.items():
         if values is not None:
@@ -182,8 +208,20 @@ def _grad_misfit(param, grad):
     return None
 
 
-def check_masks(grads, masks):
-    """Raise ValueError unless masks[i] is grads[i]'s packed mask (masked_norms' inputs)."""
+def check_device(tensors, device, what):
+    """Raise ValueError unless every tensor is on `device`, the one a kernel launch runs on."""
+    if all(d == device for d in map(_device, tensors)):
+        return
+    i, tensor = next((i, t) for i, t in enumerate(tensors) if t.device != device)
+    raise ValueError(f"{what}[{i}] is on {tensor.device}; this call's kernels run on {device} "
+                     "(give one backend call the tensors of one device)")
+
+
+def check_masks(grads, masks, device=None):
+    """Raise ValueError unless masks[i] is grads[i]'s packed mask (masked_norms' inputs),
+    and, if `device` is given, every grads[i] is on it."""
+    if device is not None:
+        check_device(grads, device, "grads")
     if len(grads) != len(masks):
         raise ValueError(f"{len(masks)} masks for {len(grads)} gradients")
     for i, (grad, bits) in enumerate(zip(grads, masks)):

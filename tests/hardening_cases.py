@@ -97,8 +97,10 @@ def wrong_checkpoint(backend):
 
 
 def reshaped_param(backend):
-    """A parameter reshaped through .data after its state exists: a clear error at step,
-    before anything changes (before: heap corruption)."""
+    """A parameter reshaped through .data after its state exists, or before its first
+    step with its old gradient: a clear error at step, before anything changes (before:
+    heap corruption; the second, once the state checks existed: an error from the
+    kernel's check after the earlier group was updated)."""
     layer, other = nn.Linear(4, 4, bias=False), nn.Parameter(torch.randn(9))
     opt = DPSAdamW([{"params": [other], "dps": False}, {"params": [layer.weight]}], stage_steps=2, backend=backend)
     hand_steps(opt, [other, layer.weight], 2)
@@ -106,6 +108,16 @@ def reshaped_param(backend):
     layer.weight.grad, other.grad = torch.randn(64, 64), torch.randn(9)
     before, kept = snapshot(opt), other.detach().clone()
     expect_error(opt.step, "param_groups[1]['params'][0]", "'exp_avg'", "(64, 64)")
+    assert torch.equal(other.detach(), kept)
+    assert_state_dicts_equal(opt.state_dict(), before)
+
+    fresh = nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [fresh]})
+    fresh.grad, other.grad = torch.randn(3), torch.randn(9)
+    layer.weight.grad = None
+    fresh.data = torch.randn(64)
+    before = snapshot(opt)
+    expect_error(opt.step, "param_groups[2]['params'][0]", "gradient", "(64,)")
     assert torch.equal(other.detach(), kept)
     assert_state_dicts_equal(opt.state_dict(), before)
 
@@ -178,25 +190,29 @@ def bad_masks(backend):
     (bool) is packed on load."""
     torch.manual_seed(3)
     param = nn.Parameter(torch.randn(64, 64))
-    source = DPSAdamW([param], stage_steps=1, backend="torch")
-    hand_steps(source, [param], 2)  # step 1 explores, step 2 selects and exploits
+    source = DPSAdamW([param], stage_steps=2, backend="torch", masked="freeze")
+    hand_steps(source, [param], 3)  # steps 1-2 explore, step 3 selects the mask of stage 3-4
     state_dict = source.state_dict()
     bits = state_dict["state"][0]["mask"]
     truncated = copy.deepcopy(state_dict)
     truncated["state"][0]["mask"] = bits[:8]
-    target = DPSAdamW([nn.Parameter(param.detach().clone())], stage_steps=1, backend=backend)
+    target = DPSAdamW([nn.Parameter(param.detach().clone())], stage_steps=2, backend=backend)
     expect_error(lambda: target.load_state_dict(truncated), "'mask'", "(512,)", "packed mask bits")
+    # another subnetwork than the scores would give, stored as bool: step 4 must apply it
+    chosen = torch.rand(param.shape, generator=torch.Generator().manual_seed(6)) < 0.5
     unpacked = copy.deepcopy(state_dict)
-    unpacked["state"][0]["mask"] = selection.unpack_mask(bits, param.shape)
+    unpacked["state"][0]["mask"] = chosen
 
     def build(name):
         clone = nn.Parameter(param.detach().clone())
-        opt = DPSAdamW([clone], stage_steps=1, backend=name)
+        opt = DPSAdamW([clone], stage_steps=2, backend=name, masked="freeze")
         opt.load_state_dict(unpacked)
-        assert torch.equal(opt.state[clone]["mask"], bits)
+        assert torch.equal(opt.state[clone]["mask"], selection.pack_mask(chosen))
         return [clone], opt
 
-    run_pair(backend, build, steps=3, first_seed=2)  # step 3 explores, 4 selects, 5 explores
+    (params, _), _ = run_pair(backend, build, steps=1, first_seed=3)  # step 4 exploits with the loaded mask
+    moved = params[0].detach() != param.detach()
+    assert torch.equal(moved, chosen), "step 4 did not update exactly the loaded subnetwork"
     module = backends.resolve(backend, "cpu")
     state = [torch.zeros(4096) for _ in range(3)]
     expect_error(lambda: module.update([torch.zeros(4096)], [torch.ones(4096)], [state[0]], [state[1]], [1],
@@ -206,6 +222,44 @@ def bad_masks(backend):
                                        [state[1]], [1], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                                        weight_decay=0.0), "params[0]", "'exp_avg'", "torch.float32")
     expect_error(lambda: module.masked_norms([torch.ones(4096)], [torch.zeros(8, dtype=torch.uint8)]), "masks[0]")
+
+
+def incomplete_checkpoint(backend):
+    """A state entry that lacks a piece the step reads (a moment, the mask a tag names):
+    a clear error at load, nothing changed (before: accepted, then KeyError mid-step
+    after the earlier groups were updated)."""
+    torch.manual_seed(7)
+    params = [nn.Parameter(torch.randn(40, 3)), nn.Parameter(torch.randn(50))]
+    opt = DPSAdamW([{"params": [params[0]]}, {"params": [params[1]]}], stage_steps=1, backend=backend)
+    hand_steps(opt, params, 2)
+    before = snapshot(opt)
+    for key, words in (("exp_avg_sq", ("param_groups[1]['params'][0]", "'exp_avg_sq'")),
+                       ("mask", ("param_groups[1]['params'][0]", "'mask_stage'", "'mask'"))):
+        broken = copy.deepcopy(before)
+        del broken["state"][1][key]
+        expect_error(lambda: opt.load_state_dict(broken), *words)
+        assert_state_dicts_equal(opt.state_dict(), before)
+    hand_steps(opt, params, 2)
+
+
+def mixed_devices(backend):
+    """One backend call given tensors of two devices (a CPU tensor and a meta one): a
+    clear error (before: the cpu kernels read the meta tensors' null addresses, SIGSEGV)."""
+    module = backends.resolve(backend, "cpu")
+    cpu_and_meta = [torch.zeros(1000), torch.zeros(1000, device="meta")]
+
+    def like(tensors, **kwargs):
+        return [torch.zeros_like(t, **kwargs) for t in tensors]
+
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    expect_error(lambda: module.update(cpu_and_meta, like(cpu_and_meta), like(cpu_and_meta), like(cpu_and_meta),
+                                       [1, 1], **hyper), "params[1]", "meta")
+    expect_error(lambda: module.select_masks(cpu_and_meta, 0.3), "scores[1]", "meta")
+    bits = [torch.zeros(125, dtype=torch.uint8, device=t.device) for t in cpu_and_meta]
+    expect_error(lambda: module.masked_norms(cpu_and_meta, bits), "grads[1]", "meta")
+    if backend == "cpu":  # its kernels run on the CPU whatever the tensors' device
+        meta = cpu_and_meta[1:]
+        expect_error(lambda: module.update(meta, like(meta), like(meta), like(meta), [1], **hyper), "params[0]", "meta")
 
 
 def channels_last_moments(backend):
@@ -267,7 +321,7 @@ def nan_scores(backend):
 
 
 CASES = [wrong_checkpoint, reshaped_param, adamw_bf16_migration, adamw_state_dict, low_precision_checkpoint,
-         bad_masks, channels_last_moments, stage_steps_change, nan_scores]
+         bad_masks, incomplete_checkpoint, mixed_devices, channels_last_moments, stage_steps_change, nan_scores]
 
 if __name__ == "__main__":
     case, backend = sys.argv[1:3]

@@ -133,3 +133,24 @@ def test_mix_attach_twice_raises():
     opt.attach_mix(model)
     with pytest.raises(RuntimeError, match="attached twice"):
         opt.attach_mix(model)
+
+
+def test_a_torch_adamw_state_loaded_after_attach_keeps_w0():
+    # attach_mix records W0; an AdamW state dict has none, and loading it must not lose it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2))
+    inputs, labels = torch.randn(4, 8), torch.tensor([0, 1, 0, 1])
+    adamw = torch.optim.AdamW(param_groups(model), lr=1e-3)
+    for _ in range(2):
+        adamw.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        adamw.step()
+    opt = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2, variant="mix")
+    w0 = model[0].weight.detach().clone()
+    opt.attach_mix(model)
+    opt.load_state_dict(adamw.state_dict())
+    for _ in range(5):  # explore, exploit, explore: both mixing targets are used
+        opt.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        opt.step()
+    assert torch.equal(opt.state[model[0].weight]["mix_init"], w0) and opt.state[model[0].weight]["step"] == 7

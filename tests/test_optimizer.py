@@ -3,6 +3,7 @@ nothing, masked updates, resume, clipping, bad input. (The torch.optim contract 
 every backend: test_contract.py; schedule, amp, mix, groups: their own test files.)"""
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -304,6 +305,32 @@ def test_sparse_gradient_is_refused_before_anything_changes():
     assert torch.equal(dense, torch.zeros(3)) and not opt.state and opt.param_groups[0]["dps_step"] == 0
 
 
+def test_a_backend_that_cannot_run_a_later_group_is_refused_before_anything_changes():
+    first, later = _param(), nn.Parameter(torch.zeros(3, device="meta"))
+    opt = DPSAdamW([{"params": [first]}, {"params": [later], "dps": False}], stage_steps=5)
+    opt.param_groups[1]["fused"] = True  # no multi-tensor kernel runs on meta tensors
+    first.grad, later.grad = torch.ones(3), torch.ones(3, device="meta")
+    with pytest.raises(RuntimeError, match="fused=True / foreach=True: no multi-tensor kernel can run on meta"):
+        opt.step()
+    assert torch.equal(first, torch.zeros(3)) and not opt.state
+    assert [g["dps_step"] for g in opt.param_groups] == [0, 0]
+
+
+def test_a_torch_adamw_migration_keeps_the_implementation_flags_of_the_groups():
+    # in torch.optim.AdamW foreach/fused choose its loop; in DPSAdamW they choose the backend
+    for adamw_flags, backend in ((dict(fused=True), "torch"), (dict(foreach=False), "auto"),
+                                 (dict(foreach=True), "torch")):
+        param = _param()
+        adamw = torch.optim.AdamW([param], **adamw_flags)
+        param.grad = torch.ones(3)
+        adamw.step()
+        opt = DPSAdamW([param], stage_steps=2, backend=backend)
+        opt.load_state_dict(adamw.state_dict())
+        assert (opt.param_groups[0]["foreach"], opt.param_groups[0]["fused"]) == (None, None), adamw_flags
+        opt.step()
+        assert opt.state[param]["step"] == 2
+
+
 # ----- torch.optim.AdamW's ways of passing parameters and options ----------------------
 
 def test_named_parameters_are_accepted_and_saved():
@@ -333,6 +360,19 @@ def test_stage_length_given_in_a_group_only():
     assert DPSAdamW([{"params": [managed], "total_steps": 100}]).param_groups[0]["stage_steps"] == 5
     with pytest.raises(ValueError, match="param group 1: stage length missing"):
         DPSAdamW([{"params": [plain], "dps": False}, {"params": [managed]}])
+
+
+def test_a_group_stage_ratio_applies_to_the_optimizers_total_steps():
+    managed, other = _param(), _param()
+    opt = DPSAdamW([{"params": [managed]}, {"params": [other], "stage_ratio": 0.2}], total_steps=100)
+    assert [g["stage_steps"] for g in opt.param_groups] == [5, 20]
+    opt = pickle.loads(pickle.dumps(opt))
+    opt.add_param_group({"params": [_param()], "stage_ratio": 0.1})
+    assert opt.param_groups[2]["stage_steps"] == 10
+    with pytest.raises(ValueError, match="param group 0: stage_ratio=0.2 sets T .* no total_steps was given"):
+        DPSAdamW([{"params": [managed], "stage_ratio": 0.2}], stage_steps=3)
+    with pytest.raises(ValueError, match="param group 0: stage_ratio must be a number in \\(0, 1\\]; got 2"):
+        DPSAdamW([{"params": [managed], "stage_ratio": 2}], total_steps=100)
 
 
 def test_a_parameter_replaced_in_place_is_found():

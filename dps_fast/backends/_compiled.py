@@ -83,7 +83,7 @@ def update_function(place):
         if not params:
             return
         launch, device = place(params)
-        param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
+        param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks, device=device)
         hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
         mode = contract.mode_of(scores, masks, freeze)
@@ -110,11 +110,11 @@ def update_function(place):
     return update
 
 
-def masked_norms(launch, grads, masks):
+def masked_norms(launch, grads, masks, device):
     """reference.masked_norms's result, the contiguous grads of kernel dtypes computed
     by launch(dtype_code, grad_addresses, mask_addresses, numels) -> squared norms
-    (a list, or an fp64 tensor on the grads' device)."""
-    param_state.check_masks(grads, masks)
+    (a list, or an fp64 tensor on the grads' device); the kernels run on `device`."""
+    param_state.check_masks(grads, masks, device)
     norms = [None] * len(grads)
     by_dtype = {}
     for i, grad in enumerate(grads):
@@ -130,9 +130,11 @@ def masked_norms(launch, grads, masks):
     return torch.stack(norms)
 
 
-def select_masks(launch, scores, sparsity):
+def select_masks(launch, scores, sparsity, device):
     """Packed masks of `scores` (see dps_fast.selection), computed by
-    launch(score_addresses, mask_addresses, numels, ks) over fp32 contiguous scores."""
+    launch(score_addresses, mask_addresses, numels, ks) over fp32 contiguous scores
+    on `device`, the one the kernels run on."""
+    param_state.check_device(scores, device, "scores")
     scores = [score.to(torch.float32).contiguous() for score in scores]  # no copy when already so
     masks = [torch.empty(selection.packed_size(score.numel()), dtype=torch.uint8, device=score.device)
              for score in scores]

@@ -59,7 +59,7 @@ def _launch_masked_norms(dtype, grads, masks, numels):
 def masked_norms(grads, masks):
     """reference.masked_norms's contract on CPU tensors: one pass over each
     gradient and its mask bits (no unpacked mask, no masked copy)."""
-    return _compiled.masked_norms(_launch_masked_norms, grads, masks)
+    return _compiled.masked_norms(_launch_masked_norms, grads, masks, torch.device("cpu"))
 
 
 def _launch_select(scores, masks, numels, ks):
@@ -68,4 +68,4 @@ def _launch_select(scores, masks, numels, ks):
 
 def select_masks(scores, sparsity):
     """One packed mask per score tensor (see dps_fast.selection)."""
-    return _compiled.select_masks(_launch_select, scores, sparsity)
+    return _compiled.select_masks(_launch_select, scores, sparsity, torch.device("cpu"))

@@ -62,12 +62,13 @@ def select_masks(scores, sparsity):
     """One packed mask per score tensor (see dps_fast.selection)."""
     if not scores:
         return []
-    index, stream = _place(scores[0].device)
+    device = scores[0].device
+    index, stream = _place(device)
 
     def launch(score_addresses, mask_addresses, numels, ks):
         _module().select(index, stream, score_addresses, mask_addresses, numels, ks)
 
-    return _compiled.select_masks(launch, scores, sparsity)
+    return _compiled.select_masks(launch, scores, sparsity, device)
 
 
 def masked_norms(grads, masks):
@@ -83,4 +84,4 @@ def masked_norms(grads, masks):
         _module().masked_sq_norms(index, stream, dtype, grad_addresses, mask_addresses, numels, sums.data_ptr())
         return sums
 
-    return _compiled.masked_norms(launch, grads, masks)
+    return _compiled.masked_norms(launch, grads, masks, device)

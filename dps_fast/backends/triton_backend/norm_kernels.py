@@ -37,7 +37,7 @@ def _masked_norm_kernel(rows_ptr, owners_ptr, out_ptr, GRAD_DTYPE: tl.constexpr,
 def masked_norms(grads, masks):
     """1-D fp32 tensor: the L2 norm of each grad * its packed mask; semantics of
     reference.masked_norms (summed in fp32 per lane and fp64 across chunks)."""
-    param_state.check_masks(grads, masks)
+    param_state.check_masks(grads, masks, grads[0].device if grads else None)
     norms = [None] * len(grads)
     by_dtype = {}
     for i, grad in enumerate(grads):

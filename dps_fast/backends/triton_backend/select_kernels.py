@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import selection
+from ... import param_state, selection
 from .tables import CHUNK, UNTUNED_CONFIG, address, addressable, chunk_of_program, launching_on, upload
 
 # Columns of a row of the selection's table, after NUMEL and FIRST_CHUNK (Note [table layout]).
@@ -102,6 +102,8 @@ def _pack_span(first, last, score_ptr, out_ptr, threshold, BLOCK: tl.constexpr):
 
 def select_masks(scores, sparsity):
     """One packed mask per score tensor (see dps_fast.selection); semantics of reference.select_masks."""
+    if scores:
+        param_state.check_device(scores, scores[0].device, "scores")
     masks = [torch.empty(selection.packed_size(score.numel()), dtype=torch.uint8, device=score.device)
              for score in scores]
     live = [i for i, score in enumerate(scores) if score.numel()]

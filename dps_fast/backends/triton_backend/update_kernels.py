@@ -127,7 +127,9 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
            inv_scale=None, found_inf=None):
     """Update every tensor of one group in place; semantics of reference.update (which
     updates the float64 parameters, whose state is float64: dps_fast.param_state)."""
-    param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks)
+    if not params:
+        return
+    param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks, device=params[0].device)
     float64s = [i for i, param in enumerate(params) if param.dtype == torch.float64]
     if float64s:
         def pick(values):
