@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dps_fast import DPSAdamW, param_groups
+from dps_fast import DPSAdamW, backends, param_groups
 from dps_fast.tiny import TinyEncoder, synthetic_task
 from dps_fast.published import PublishedDPS
 
@@ -60,7 +60,10 @@ def _copy_state(ours, published, pairs):
 @pytest.mark.parametrize("clip", [None, 0.05], ids=["noclip", "clip"])
 @pytest.mark.parametrize("masked", ["grad", "freeze"])
 @pytest.mark.parametrize("variant", ["dense", "mix"])
-def test_dpsadamw_matches_published(variant, masked, clip):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])  # the spec, and the compiled kernels
+def test_dpsadamw_matches_published(backend, variant, masked, clip):
+    if backends.unavailable_reason(backend, "cpu"):  # tests/test_build.py says whether it should run
+        pytest.skip(backends.unavailable_reason(backend, "cpu"))
     torch.manual_seed(0)
     ours_model = TinyEncoder(vocab=16, dim=16, layers=2, heads=2, length=8)
     for block in ours_model.blocks:
@@ -70,7 +73,7 @@ def test_dpsadamw_matches_published(variant, masked, clip):
     published_model = copy.deepcopy(ours_model)
     tokens, labels = synthetic_task(STEPS * 8, vocab=16, length=8, seed=1)
 
-    ours = DPSAdamW(param_groups(ours_model), variant=variant, masked=masked, backend="torch", **HYPER)
+    ours = DPSAdamW(param_groups(ours_model), variant=variant, masked=masked, backend=backend, **HYPER)
     if variant == "mix":
         ours.attach_mix(ours_model)
     published = PublishedDPS(published_model, param_groups(published_model), variant=variant, masked=masked,
@@ -100,6 +103,8 @@ def test_dpsadamw_matches_published(variant, masked, clip):
             if "score" in ours.state[a]:
                 torch.testing.assert_close(ours.state[a]["score"], published.state[b]["score"], rtol=1e-5,
                                            atol=0, msg=lambda m: f"score, step {step + 1}: {m}")
+            if "mix_count" in ours.state[a]:  # keep counts: whole numbers, counted on each side this step
+                assert torch.equal(ours.state[a]["mix_count"], published.state[b]["count"]), f"step {step + 1}"
         for (name, a), b in zip(ours_model.named_parameters(), published_model.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}, step {step + 1}: {m}")
     assert phases == (["explore"] * 3 + ["exploit"] * 3) * 2 + ["explore"] * 2
