@@ -16,7 +16,8 @@ import torch
 from . import distributed, options, param_state
 
 # Group keys that migrating a torch.optim.AdamW state dict keeps from the current groups: those
-# AdamW lacks, and the implementation flags, which in DPSAdamW choose the backend (options.implementation).
+# AdamW lacks; foreach and fused, which in DPSAdamW choose the backend (options.implementation);
+# capturable and differentiable, which DPSAdamW supports only as False (AdamW's state loads either way).
 DPS_KEYS = ("dps", "sparsity", "stage_steps", "stage_ratio", "variant", "masked",
             "foreach", "fused", "capturable", "differentiable")
 
@@ -57,15 +58,20 @@ def loaded(optimizer, state_dict):
             entry = distributed.loaded_state(param, {k: v.clone() if isinstance(v, torch.Tensor) else v
                                                      for k, v in entry.items()})
         entry = {name: param_state.adopt(param, name, value, where) for name, value in entry.items()}
-        mixed = group["dps"] and group["variant"] == "mix"
-        if mixed and "mix_init" not in entry and "mix_init" in optimizer.state.get(param, {}):
-            entry["mix_init"] = optimizer.state[param]["mix_init"]  # W0 as attach_mix took it (an AdamW state)
-        param_state.check_complete(entry, mixed, where)
+        param_state.check_complete(entry, _is_mixed(group), where)
         if "schedule_start" not in saved_group:  # tags of an older dps_fast: stage numbers, now first steps
             stage_steps = saved_group.get("stage_steps") or 1
             entry.update({tag: (entry[tag] - 1) * stage_steps + 1 for tag in param_state.TAGS if tag in entry})
         state[param] = entry
+    for group in filter(_is_mixed, groups):  # W0 as attach_mix took it, where the state dict has none
+        for param in group["params"]:       # (an AdamW state dict, or a param that never stepped)
+            if "mix_init" in optimizer.state.get(param, {}) and "mix_init" not in state.get(param, {}):
+                state[param]["mix_init"] = optimizer.state[param]["mix_init"]
     return state, groups
+
+
+def _is_mixed(group):
+    return group["dps"] and group["variant"] == "mix"
 
 
 def _group(optimizer, index, group, saved_group):

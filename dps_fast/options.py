@@ -143,7 +143,7 @@ def normalized_group(param_group, default_stage_ratio, default_total_steps=None,
     if "stage_steps" in group or "total_steps" in group:
         group["stage_steps"] = stage_steps(group.get("stage_steps"), group.pop("total_steps", None),
                                            group.get("stage_ratio", default_stage_ratio), where)
-    elif "stage_ratio" in group:
+    elif "stage_ratio" in group and group.get("dps", True):  # a plain group needs no stage length
         if default_total_steps is None:
             raise ValueError(f"{where}stage_ratio={group['stage_ratio']!r} sets T = int(total_steps * stage_ratio), "
                              "and no total_steps was given: give total_steps (to this group or to the "

@@ -373,6 +373,41 @@ def test_a_group_stage_ratio_applies_to_the_optimizers_total_steps():
         DPSAdamW([{"params": [managed], "stage_ratio": 0.2}], stage_steps=3)
     with pytest.raises(ValueError, match="param group 0: stage_ratio must be a number in \\(0, 1\\]; got 2"):
         DPSAdamW([{"params": [managed], "stage_ratio": 2}], total_steps=100)
+    plain = DPSAdamW([{"params": [other], "dps": False, "stage_ratio": 0.001}, {"params": [managed]}], stage_steps=5)
+    assert [g["stage_steps"] for g in plain.param_groups] == [5, 5]  # a plain group needs no stage length
+
+
+def _mix_state_after(steps):
+    """A DPS-Mix optimizer after `steps` steps of T = 1, and its state dict."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
+    opt = DPSAdamW(param_groups(model), stage_steps=1, variant="mix")
+    opt.attach_mix(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 0, 1])).backward()
+        opt.step()
+    return opt, opt.state_dict()
+
+
+@pytest.mark.parametrize("key, words", [  # the key deleted, the message's words (a regex)
+    ("step", "has \\['exp_avg', 'exp_avg_sq'\\] but not \\['step'\\]"),
+    ("exp_avg", "has \\['step', 'exp_avg_sq'\\] but not \\['exp_avg'\\]"),
+    ("score", "has 'score_stage' but not 'score'"),
+    ("mix_count", "has 'score_stage' but not 'mix_count'"),
+    ("mask", "has 'mask_stage' but not 'mask'"),
+    ("mix_snapshot", "has 'snapshot_stage' but not 'mix_snapshot'"),
+])
+def test_an_incomplete_state_entry_is_refused_at_load(key, words):
+    opt, state_dict = _mix_state_after(3)  # steps 1 and 3 explore, step 2 exploits: every key exists
+    before = opt.state_dict()
+    del state_dict["state"][0][key]
+    with pytest.raises(ValueError, match=f"param_groups\\[0\\]\\['params'\\]\\[0\\]: state {words}"):
+        opt.load_state_dict(state_dict)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][0][k], v) for k, v in before["state"][0].items()
+               if isinstance(v, torch.Tensor))
 
 
 def test_a_parameter_replaced_in_place_is_found():
