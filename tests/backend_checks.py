@@ -167,6 +167,16 @@ def check_fallback(backend, device):
     for got, expected in zip((params, avgs, sqs, scores), want):
         for g, w in zip(got, expected):
             torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=1e-6)
+    # a tensor lr reaches the fallback as it is (the reference rounds it as torch.optim.AdamW does)
+    hyper = dict(HYPER, lr=torch.tensor(HYPER["lr"]))
+    grad = torch.randn(6, generator=generator, dtype=torch.float64)
+    tensors = [torch.randn(6, generator=generator, dtype=torch.float64), torch.zeros(6, dtype=torch.float64),
+               torch.zeros(6, dtype=torch.float64)]
+    want = [t.clone() for t in tensors]
+    got = [t.to(device) for t in tensors]
+    backend.update([got[0]], [grad.to(device)], [got[1]], [got[2]], [1], **hyper)
+    reference.update([want[0]], [grad], [want[1]], [want[2]], [1], **hyper)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
 
 
 def check_masked_norms(backend, device, dtype):

@@ -84,7 +84,8 @@ def update_function(place):
             return
         launch, device = place(params)
         param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks, device=device)
-        hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        kernel_hyper = dict(hyper, lr=float(lr))  # the kernels take lr's value; the reference takes lr as given
         scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
         mode = contract.mode_of(scores, masks, freeze)
         state_lists = [exp_avgs, exp_avg_sqs] + [t for t in (scores, masks) if t is not None]
@@ -101,12 +102,11 @@ def update_function(place):
                      list(map(_numel, pick(params))), pick(steps),
                      pick(reset_scores) if scores is not None else []]
             addresses = [0 if scalar is None else scalar.data_ptr() for scalar in scalars]
-            launch(int(mode), int(DTYPE_CODES[dtype]), lists, hyper, addresses)
+            launch(int(mode), int(DTYPE_CODES[dtype]), lists, kernel_hyper, addresses)
         if others:
-            pick = lambda values: None if values is None else [values[i] for i in others]  # noqa: E731
-            reference.update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), **hyper,
-                             grad_coef=grad_coef, scores=pick(scores), reset_scores=pick(reset_scores),
-                             masks=pick(masks), freeze=freeze, inv_scale=inv_scale, found_inf=found_inf)
+            reference.update_some(others, params, grads, exp_avgs, exp_avg_sqs, steps, **hyper, grad_coef=grad_coef,
+                                  scores=scores, reset_scores=reset_scores, masks=masks, freeze=freeze,
+                                  inv_scale=inv_scale, found_inf=found_inf)
     return update
 
 

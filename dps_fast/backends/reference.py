@@ -73,6 +73,17 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
         exp_avg_sqs[i].copy_(new_avg_sq)
 
 
+def update_some(indices, params, grads, exp_avgs, exp_avg_sqs, steps, *, scores=None, reset_scores=None,
+                masks=None, **hyper):
+    """update() of the tensors at `indices` of the lists: the fast backends' fallback
+    for the tensors their kernels do not take (float64, non-contiguous, ...)."""
+    def pick(values):
+        return None if values is None else [values[i] for i in indices]
+
+    update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), scores=pick(scores),
+           reset_scores=pick(reset_scores), masks=pick(masks), **hyper)
+
+
 def masked_norms(grads, masks):
     """1-D fp32 tensor: the L2 norm of each grad * its (packed) mask, as
     torch.nn.utils.clip_grad_norm_ computes it (in the gradient's dtype)."""

@@ -132,13 +132,10 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
     param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks, device=params[0].device)
     float64s = [i for i, param in enumerate(params) if param.dtype == torch.float64]
     if float64s:
-        def pick(values):
-            return None if values is None else [values[i] for i in float64s]
-
-        reference.update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), lr=lr,
-                         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_coef=grad_coef,
-                         scores=pick(scores), reset_scores=pick(reset_scores), masks=pick(masks), freeze=freeze,
-                         inv_scale=inv_scale, found_inf=found_inf)
+        reference.update_some(float64s, params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1,
+                              beta2=beta2, eps=eps, weight_decay=weight_decay, grad_coef=grad_coef, scores=scores,
+                              reset_scores=reset_scores, masks=masks, freeze=freeze, inv_scale=inv_scale,
+                              found_inf=found_inf)
     live = [i for i, param in enumerate(params) if param.numel() and param.dtype != torch.float64]
     if not live:
         return
