@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton", minversion="3.6")
 
-from backend_checks import (HYPER, MODES, check_found_inf, check_masked_norms, check_masked_out_inf,  # noqa: E402
-                            check_select, check_update, make_scores)
+from backend_checks import (HYPER, MODES, check_fallback, check_found_inf, check_masked_norms,  # noqa: E402
+                            check_masked_out_inf, check_select, check_update, make_scores)
 from backend_parity import assert_matches_reference, cases  # noqa: E402
 from dps_fast import backends  # noqa: E402
 from dps_fast.backends import reference  # noqa: E402
@@ -101,6 +101,10 @@ def test_update_applies_inv_scale_before_scoring_and_clip_after(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_update_with_found_inf_writes_nothing(mode):
     check_found_inf(triton_backend, DEVICE, mode, SHAPES)
+
+
+def test_tensors_the_kernels_do_not_take_follow_the_reference():
+    check_fallback(triton_backend, DEVICE)
 
 
 def test_update_of_only_empty_tensors_is_a_no_op():
