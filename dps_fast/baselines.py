@@ -67,10 +67,7 @@ class ChildTuningAdamW(DPSAdamW):
         return EXPLOIT
 
     def make_masks(self, group, params, stage):
-        if self.mode == "D":  # fixed masks, set by set_masks: current at every step
-            for param in params:
-                if "mask" in self.state[param]:
-                    self.state[param]["mask_stage"] = stage
+        if self.mode == "D":  # fixed masks, set by set_masks (stage_mask below)
             return
         for param in params:  # stage == step: one fresh draw per step, shared by clip_grad_norm_ and step
             state = self.state[param]
@@ -78,6 +75,11 @@ class ChildTuningAdamW(DPSAdamW):
                 keep = torch.rand(param.shape, device=param.device) < self.keep_fraction
                 state["mask"] = selection.pack_mask(keep)
                 state["mask_stage"] = stage
+
+    def stage_mask(self, param, stage):
+        if self.mode == "D":  # the fixed mask is every stage's
+            return self.state[param].get("mask")
+        return super().stage_mask(param, stage)
 
     def gradient_factor(self, group):
         return 1 / self.keep_fraction if self.mode == "F" and group["dps"] else None

@@ -7,8 +7,9 @@ forward-side mixing of DPS-Mix is dps_fast.mix.
 
 Extension points, for methods built on DPSAdamW (dps_fast.baselines) and
 for DPS-Mix: override `schedule_phase` (which steps explore or exploit),
-`make_masks` (the masks of an exploitation stage) and `gradient_factor` (a
-factor on the update's gradient); query `group_of`, `upcoming` and `stage_mask`.
+`make_masks` and `stage_mask` (the masks of an exploitation stage: made, then
+read) and `gradient_factor` (a factor on the update's gradient); query
+`group_of` and `upcoming`.
 """
 import collections
 
@@ -270,7 +271,8 @@ class DPSAdamW(Optimizer):
         return schedule(step)
 
     def stage_mask(self, param, stage):
-        """param's packed mask of exploitation stage `stage` (after make_masks), or None."""
+        """Extension point (with make_masks): param's packed mask of exploitation stage
+        `stage`, or None. DPS: the one make_masks tagged with `stage`; ChildTuning-D: its fixed mask."""
         state = self.state[param]
         return state["mask"] if state.get("mask_stage") == stage else None
 
