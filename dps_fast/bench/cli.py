@@ -5,12 +5,11 @@ contradict each other, is an argparse usage error (exit 2) that names the
 option."""
 import argparse
 import json
-import math
 import os
 
 import torch
 
-from .. import backends
+from .. import arguments, backends
 from .cases import SECTION_TITLES
 from .report import format_table, plot
 from .runner import run_bench
@@ -23,19 +22,6 @@ PEAK_BYTES_PER_PARAM = 32
 
 def _items(text):
     return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _number(kind, low, strict=False):
-    """An argparse type: a finite `kind` >= low (> low if strict)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}; got {text}")
-        return value
-    return parse
 
 
 def _names(choices, what):
@@ -51,22 +37,11 @@ def _names(choices, what):
 
 
 def _devices(text):
-    devices = []
-    for item in _items(text) or [""]:
-        try:
-            device = torch.device(item)
-        except RuntimeError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a device (e.g. cpu, cuda, cuda:1)")
-        if device.type not in ("cpu", "cuda"):
-            raise argparse.ArgumentTypeError(f"{item!r}: the bench runs on cpu and cuda devices")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{item!r}: CUDA is not available here")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{item!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-        if device in devices:
-            raise argparse.ArgumentTypeError(f"{item!r} is named twice")
-        devices.append(device)
-    return [str(device) for device in devices]
+    devices = [arguments.device(item) for item in _items(text) or [""]]
+    for i, name in enumerate(devices):
+        if name in devices[:i]:
+            raise argparse.ArgumentTypeError(f"{name!r} is named twice")
+    return devices
 
 
 def _train_config(text):
@@ -80,33 +55,6 @@ def _train_config(text):
     if config.dim % config.heads:
         raise argparse.ArgumentTypeError(f"DIM ({config.dim}) must be a multiple of HEADS ({config.heads})")
     return config
-
-
-def _writable(text):
-    """An argparse type: a file path this process can write (no file is created)."""
-    path = os.path.abspath(text)
-    folder = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{text} is a directory")
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
-    return text
-
-
-def _plot_path(text):
-    _writable(text)
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise argparse.ArgumentTypeError("needs matplotlib (pip install matplotlib)")
-    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
-    extension = os.path.splitext(text)[1][1:].lower()
-    if extension and extension not in formats:
-        raise argparse.ArgumentTypeError(f"{text}: matplotlib writes {', '.join(sorted(formats))}, not {extension}")
-    return text
 
 
 def _saved_result(text):
@@ -124,7 +72,7 @@ def _saved_result(text):
 
 
 def add_arguments(parser):
-    parser.add_argument("--scale", type=_number(float, 0, strict=True), default=None,
+    parser.add_argument("--scale", type=arguments.number(float, 0, low_open=True), default=None,
                         help="weight set as a fraction of BERT-large's encoder (302M parameters; "
                              f"default {DEFAULT_SCALE['cpu']:.4g} on CPU, {DEFAULT_SCALE['cuda']:g} on CUDA)")
     parser.add_argument("--device", type=_devices, default=None,
@@ -134,22 +82,22 @@ def add_arguments(parser):
                              "(default: every one available)")
     parser.add_argument("--sections", type=_names(tuple(SECTION_TITLES), "section"), default=list(SECTION_TITLES),
                         help=f"comma-separated subset of {','.join(SECTION_TITLES)} (default: all)")
-    parser.add_argument("--seconds", type=_number(float, 0), default=1.0,
+    parser.add_argument("--seconds", type=arguments.number(float, 0), default=1.0,
                         help="time spent per row after the minimum repetitions (default 1.0)")
-    parser.add_argument("--min-reps", type=_number(int, 1), default=3,
+    parser.add_argument("--min-reps", type=arguments.number(int, 1), default=3,
                         help="minimum timed repetitions per row (default 3)")
-    parser.add_argument("--max-reps", type=_number(int, 1), default=100,
+    parser.add_argument("--max-reps", type=arguments.number(int, 1), default=100,
                         help="maximum timed repetitions per row (default 100)")
-    parser.add_argument("--warmup", type=_number(int, 0), default=2,
+    parser.add_argument("--warmup", type=arguments.number(int, 0), default=2,
                         help="untimed repetitions per row, at most (default 2)")
     parser.add_argument("--train", type=_train_config, default=None, metavar="LAYERS,DIM,HEADS,VOCAB,BATCH,SEQ",
                         help="encoder of the training-step rows (default: 4,256,4,1024,8,64 on CPU; "
                              "24,1024,16,30522,16,128 (BERT-large) on CUDA)")
-    parser.add_argument("--threads", type=_number(int, 1), default=None,
+    parser.add_argument("--threads", type=arguments.number(int, 1), default=None,
                         help="CPU threads for torch (default: torch's choice, usually one per core)")
-    parser.add_argument("--json", metavar="PATH", type=_writable,
+    parser.add_argument("--json", metavar="PATH", type=arguments.writable,
                         help="write the results as JSON (rewritten after every row, so a stopped run keeps its rows)")
-    parser.add_argument("--plot", metavar="PATH", type=_plot_path,
+    parser.add_argument("--plot", metavar="PATH", type=arguments.plot_path,
                         help="write a plot of time per call vs parameter count (runs a size sweep from 1M "
                              "parameters up to the weight set; needs matplotlib)")
     parser.add_argument("--from-json", metavar="PATH", type=_saved_result,

@@ -8,6 +8,8 @@ import sys
 import time
 from dataclasses import asdict
 
+from .. import arguments
+from ..arguments import number
 from ..baselines import METHODS
 from ..data import OOD, OOD_TASK, TASKS
 from .recipe import Recipe
@@ -18,28 +20,8 @@ DPS_METHODS = ("dps", "dps-mix")  # the methods with a stage length T = int(step
 
 # ----- option types: each names what it wants; argparse adds the flag --------------
 
-def _number(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float), finite, in the given range."""
-    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-    wanted = ("an integer" if kind is int else "a number") + (
-        f" in {lo}, {hi}" if lo and hi else f" {'>' if low_open else '>='} {low:g}" if lo else "")
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}; got {text!r}") from None
-        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
-                high is not None and (value >= high if high_open else value > high)):
-            raise argparse.ArgumentTypeError(f"must be {wanted}; got {text!r}")
-        return value
-
-    return parse
-
-
-POSITIVE_INT = _number(int, 1)
-POSITIVE = _number(float, 0, low_open=True)
+POSITIVE_INT = number(int, 1)
+POSITIVE = number(float, 0, low_open=True)
 
 
 class _ListAction(argparse.Action):
@@ -77,7 +59,7 @@ def add_arguments(parser):
     parser.add_argument("--method", action=_ListAction, item_choices=METHODS, default=["adamw", "dps"],
                         help=f"comma list or repeated, from {', '.join(METHODS)}, or all (default adamw,dps)")
     parser.add_argument("--seeds", type=POSITIVE_INT, default=1, help="number of seeds per method (default 1)")
-    parser.add_argument("--first-seed", type=_number(int, 0), default=0,
+    parser.add_argument("--first-seed", type=number(int, 0), default=0,
                         help="seeds are first-seed .. first-seed + seeds - 1 (default 0): split a study in parts")
     parser.add_argument("--train-size", action=_ListAction, item_type=POSITIVE_INT, default=[1000],
                         help="training examples (comma list; default 1000); a fixed subset")
@@ -89,32 +71,36 @@ def add_arguments(parser):
     parser.add_argument("--lr", action=_ListAction, item_type=POSITIVE, default=[default.lr],
                         help="learning rate of every method (comma list: a setting per rate; default 5e-5)")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=default.batch_size, help="default 16")
-    parser.add_argument("--max-length", type=_number(int, 3), default=None,
+    parser.add_argument("--max-length", type=number(int, 3), default=None,
                         help="tokens, [CLS] and [SEP] included (default: mr 64, trec 48)")
-    parser.add_argument("--sparsity", type=_number(float, 0, 1, high_open=True), default=default.sparsity,
+    parser.add_argument("--sparsity", type=number(float, 0, 1, high_open=True), default=default.sparsity,
                         help="DPS p and Mixout mixing probability, in [0, 1) (default 0.3)")
-    parser.add_argument("--stage-ratio", type=_number(float, 0, 1, low_open=True), default=default.stage_ratio,
+    parser.add_argument("--stage-ratio", type=number(float, 0, 1, low_open=True), default=default.stage_ratio,
                         help="DPS T = int(steps * ratio), ratio in (0, 1] (default 0.05)")
-    parser.add_argument("--keep-fraction", "--reserve", dest="keep_fraction", type=_number(float, 0, 1, low_open=True),
+    parser.add_argument("--keep-fraction", "--reserve", dest="keep_fraction",
+                        type=number(float, 0, 1, low_open=True),
                         default=default.keep_fraction,
                         help="ChildTuning q, the fraction updated, in (0, 1] (default 0.3; --reserve: its code's name)")
     parser.add_argument("--backend", choices=CHOICES, default=default.backend,
                         help="DPSAdamW backend of every method but adamw (default auto)")
     parser.add_argument("--dev-size", type=POSITIVE_INT, default=None,
                         help="dev examples: a prefix of the task's fixed dev set (default all: mr 1000, trec 500)")
-    parser.add_argument("--eval-every", type=_number(float, 0, 1, low_open=True), default=None, metavar="FRACTION",
+    parser.add_argument("--eval-every", type=number(float, 0, 1, low_open=True), default=None, metavar="FRACTION",
                         help="also evaluate on the dev set every FRACTION of the steps (e.g. 0.1): a dev curve")
     parser.add_argument("--ood", action=_ListAction, item_choices=tuple(OOD), default=[],
                         help=f"with --task {OOD_TASK}: also evaluate the final model on these other-domain "
                              f"sentiment sets ({', '.join(OOD)}, or all)")
     parser.add_argument("--ood-size", type=POSITIVE_INT, default=None,
                         help="examples of each --ood set: a prefix of its fixed shuffle (default all)")
-    parser.add_argument("--degenerate-margin", type=_number(float, 0), default=DEGENERATE_MARGIN, metavar="POINTS",
+    parser.add_argument("--degenerate-margin", type=number(float, 0), default=DEGENERATE_MARGIN, metavar="POINTS",
                         help="a run is degenerate below the majority-class rate + POINTS (default 2)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=arguments.device, default=None,
+                        help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", metavar="PATH", help="write every run's result here (rewritten after each run)")
-    parser.add_argument("--plot", metavar="PNG", help="draw dev accuracy per setting: over training with --eval-every, else per method and seed")
+    parser.add_argument("--json", metavar="PATH", type=arguments.writable,
+                        help="write every run's result here (rewritten after each run)")
+    parser.add_argument("--plot", metavar="PNG", type=arguments.plot_path,
+                        help="draw dev accuracy per setting: over training with --eval-every, else per method and seed")
     parser.add_argument("--load", metavar="JSON", nargs="+",
                         help="no training: tabulate (and --plot) the runs saved in these --json files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -122,51 +108,10 @@ def add_arguments(parser):
 
 # ----- checks: everything that can be known before a model is loaded ----------------
 
-def _check_writable(path, flag, error):
-    """Fail now, not after the first run, if `path` cannot be written."""
-    if os.path.isdir(path):
-        error(f"argument {flag}: {path!r} is a directory")
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as failure:
-        error(f"argument {flag}: cannot write {path!r} ({failure.strerror or failure})")
-    if not existed:
-        os.remove(path)
-
-
-def _check_plot(path, error):
-    try:
-        from .plot import _pyplot
-
-        plt = _pyplot()
-    except RuntimeError as failure:
-        error(f"argument --plot: {failure}")
-    fig = plt.figure()
-    kinds = fig.canvas.get_supported_filetypes()
-    plt.close(fig)
-    extension = os.path.splitext(path)[1].lstrip(".").lower()
-    if extension not in kinds:
-        error(f"argument --plot: {path!r} must end in one of {', '.join('.' + k for k in sorted(kinds))}")
-    _check_writable(path, "--plot", error)
-
-
-def _device(args, error):
+def _default_device():
     import torch
 
-    if args.device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        error(f"argument --device: {args.device!r} is not a device (cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda"):
-        error(f"argument --device: must be cpu or cuda; got {args.device!r}")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        error(f"argument --device: {args.device!r} is not available here "
-              f"({torch.cuda.device_count()} CUDA device(s))")
-    return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _stage_hint(task, size, recipe, steps):
@@ -207,8 +152,6 @@ def check(args):
                 error(f"argument --load: cannot read {path!r} ({failure.strerror or failure})")
             except (ValueError, KeyError, TypeError):
                 error(f"argument --load: {path!r} is not a file written by --json")
-        if args.plot:
-            _check_plot(args.plot, error)
         return [], None
     if args.first_seed + args.seeds > 2 ** 63:
         error("argument --first-seed: the seeds must stay below 2**63")
@@ -244,19 +187,15 @@ def check(args):
         raise SystemExit(2)
     if args.max_length is not None and args.max_length > positions:
         error(f"argument --max-length: the bundled model takes at most {positions} tokens; got {args.max_length}")
-    device = _device(args, error)
+    device = args.device or _default_device()
     if args.backend != "auto" and set(args.method) - {"adamw"}:
         from ..backends import unavailable_reason
 
         reason = unavailable_reason(args.backend, device)
         if reason is not None:
             error(f"argument --backend: {args.backend!r} cannot run on {device} here: {reason}")
-    if args.json:
-        _check_writable(args.json, "--json", error)
-    if args.plot:
-        if args.json and os.path.abspath(args.plot) == os.path.abspath(args.json):
-            error("argument --plot: the same path as --json")
-        _check_plot(args.plot, error)
+    if args.plot and args.json and os.path.abspath(args.plot) == os.path.abspath(args.json):
+        error("argument --plot: the same path as --json")
     return recipes, device
 
 
