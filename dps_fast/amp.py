@@ -97,3 +97,12 @@ class ScaledStep:
                     state[key] = saved[key]
                 else:
                     state.pop(key, None)
+
+
+def unscale_once(scaler, optimizer):
+    """scaler.unscale_(optimizer) unless it already ran for this step (the clip
+    helpers of dps_fast.integrations call it before opt.clip_grad_norm_)."""
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)

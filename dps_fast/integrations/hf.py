@@ -46,6 +46,7 @@ import copy
 
 from transformers import Trainer, TrainerCallback
 
+from ..amp import unscale_once
 from ..groups import param_groups
 from ..optimizer import DPSAdamW
 
@@ -80,14 +81,6 @@ def unwrap_optimizer(optimizer):
     return optimizer, scaler
 
 
-def _unscale_once(scaler, optimizer):
-    """scaler.unscale_(optimizer) unless it already ran for this step."""
-    from torch.amp.grad_scaler import OptState
-
-    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
-        scaler.unscale_(optimizer)
-
-
 class MaskedClipCallback(TrainerCallback):
     """Clip the gradients DPSAdamW's next step applies to `max_norm`, as the
     published code does (mask, then clip). Use with max_grad_norm=0."""
@@ -101,7 +94,7 @@ class MaskedClipCallback(TrainerCallback):
                                "unmasked; set max_grad_norm=0 (DPSTrainer does)")
         dps, scaler = unwrap_optimizer(optimizer)
         if scaler is not None and scaler.is_enabled():
-            _unscale_once(scaler, dps)
+            unscale_once(scaler, dps)
         dps.clip_grad_norm_(self.max_norm)
 
 

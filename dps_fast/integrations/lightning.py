@@ -65,6 +65,7 @@ import warnings
 
 import torch
 
+from ..amp import unscale_once
 from ..groups import param_groups
 from ..optimizer import DPSAdamW
 
@@ -173,10 +174,7 @@ def clip_gradients(module, optimizer, gradient_clip_val=None, gradient_clip_algo
         return None
     scaler = getattr(getattr(module.trainer, "precision_plugin", None), "scaler", None)
     if scaler is not None and scaler.is_enabled():
-        from torch.amp.grad_scaler import OptState
-
-        if scaler._per_optimizer_states[id(dps)]["stage"] is OptState.READY:  # not unscaled yet this step
-            scaler.unscale_(dps)
+        unscale_once(scaler, dps)
     if algorithm == "value":
         grads = [p for group in dps.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_value_(grads, gradient_clip_val)
