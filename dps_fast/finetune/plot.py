@@ -4,7 +4,7 @@ seeds, each seed's final accuracy as a dot right of the end, the degenerate
 line dashed); runs without one as a dot per seed with the mean ± std bar."""
 import math
 
-from .report import DEGENERATE_MARGIN, setting, summarize
+from .report import DEGENERATE_MARGIN, curves, setting, summarize
 
 
 def _pyplot():
@@ -33,12 +33,10 @@ def _curves_panel(ax, runs, methods, colours, margin):
         # each seed's final accuracy, a little right of the end, one column per method
         ax.scatter([101.5 + 1.5 * index] * len(mine), [100 * r["dev_accuracy"] for r in mine], s=10,
                    color=colours[method], alpha=0.8, linewidths=0)
-        if mine:
-            points = mine[0]["curve"]
-            same = [r for r in mine if [s for s, _ in r["curve"]] == [s for s, _ in points]]
-            mean = [100 * sum(r["curve"][i][1] for r in same) / len(same) for i in range(len(points))]
-            ax.plot([100 * s / mine[0]["steps"] for s, _ in points], mean, color=colours[method], linewidth=2,
-                    label=method)
+        if mine:  # the mean curve of the report's table (one setting, one method)
+            row, = curves(mine)
+            ax.plot([100 * s / row["steps"] for s in row["points"]], row["mean"], color=colours[method],
+                    linewidth=2, label=method)
     if majority:
         ax.axhline(100 * max(majority) + margin, color="grey", linestyle="--", linewidth=1,
                    label="degenerate below")

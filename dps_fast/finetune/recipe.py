@@ -166,7 +166,7 @@ def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_ste
         scheduler.step()
         losses.append(loss.item())
         if on_step is not None:
-            on_step(loss.item())
+            on_step(losses[-1])
         if eval_every and step % eval_every == 0 and step < steps:
             tick = time.perf_counter()
             curve.append([step, evaluate(model, dev, device)])
