@@ -10,6 +10,7 @@ import torch
 
 from dps_fast import param_state, selection
 from dps_fast.backends import cpu, reference
+from training import grid_grad
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 # The CPU kernels' chunk of entries: sizes below cross it (the CUDA and Triton kernels' chunks
@@ -62,7 +63,7 @@ def _state(shapes, dtype, generator, device):
     """params, grads (on the 1/16 grid: exact squares), moments and scores (of
     param_state.state_dtype), masks."""
     params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
-    grads = [(torch.randint(-63, 64, s, generator=generator).float() / 16).to(dtype) for s in shapes]
+    grads = [grid_grad(s, generator, dtype) for s in shapes]
     wide = param_state.state_dtype(params[0])
     avgs = [(torch.randn(s, generator=generator) * 0.1).to(wide) for s in shapes]
     sqs = [(torch.rand(s, generator=generator) * 0.01).to(wide) for s in shapes]
@@ -157,7 +158,7 @@ def check_fallback(backend, device):
     base = torch.randn(9, 5, generator=generator)
     params = [base.t().to(device), torch.randn(6, generator=generator, dtype=torch.float64).to(device),
               torch.randn(4097, generator=generator).to(device)]
-    grads = [torch.randint(-63, 64, p.shape, generator=generator).to(p.dtype).div(16).to(device) for p in params]
+    grads = [grid_grad(p.shape, generator, p.dtype).to(device) for p in params]
     grads[0] = grads[0].t().contiguous().t()  # same strides as its parameter
     avgs, sqs, scores = ([param_state.zeros(p) for p in params] for _ in range(3))  # float64 state for float64
     want = [[t.cpu().clone() for t in group] for group in (params, avgs, sqs, scores)]

@@ -12,6 +12,7 @@ the keep-ties rule.
 import torch
 
 from dps_fast import DPSAdamW
+from training import grid_grad
 from dps_fast.mix import record_keep
 
 # (name, shapes of managed tensors, shapes of plain AdamW tensors)
@@ -48,10 +49,6 @@ def cases(quick=False):
     return out
 
 
-def _grid_grads(shapes, generator):
-    return [torch.randint(-63, 64, shape, generator=generator).float() / 16 for shape in shapes]
-
-
 def run(backend, managed, plain, *, variant="dense", masked="grad", dtype=torch.float32, device="cpu",
         steps=14, stage_steps=3, sparsity=0.3, inf_steps=(), clip=None, seed=0):
     """Train synthetic tensors for `steps` steps; returns one snapshot per step:
@@ -69,7 +66,7 @@ def run(backend, managed, plain, *, variant="dense", masked="grad", dtype=torch.
     params = managed_params + plain_params
     trace = []
     for step in range(1, steps + 1):
-        grads = _grid_grads(managed + plain, generator)
+        grads = [grid_grad(shape, generator) for shape in managed + plain]
         if variant == "mix":  # what a mixed forward/backward would have recorded
             exploring = opt.phase == "explore"
             for param, grad in zip(managed_params, grads):

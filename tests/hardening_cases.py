@@ -13,6 +13,7 @@ from torch import nn
 
 from dps_fast import DPSAdamW, backends, param_groups, selection
 from dps_fast.backends import reference
+from training import assert_same_state, grid_grad
 
 
 def expect_error(call, *words):
@@ -26,16 +27,14 @@ def expect_error(call, *words):
     raise AssertionError(f"no ValueError (expected one naming {words})")
 
 
-def grid_grad(shape, seed, dtype=torch.float32):
-    """A gradient on the 1/16 grid: its squares, and so scores and masks, are exact."""
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randint(-63, 64, shape, generator=generator).float() / 16).to(dtype)
+def seeded_grad(shape, seed, dtype=torch.float32):
+    return grid_grad(shape, torch.Generator().manual_seed(seed), dtype)
 
 
 def hand_steps(opt, params, steps, first_seed=0):
     for step in range(steps):
         for i, param in enumerate(params):
-            param.grad = grid_grad(param.shape, 1000 * (first_seed + step) + i, param.dtype)
+            param.grad = seeded_grad(param.shape, 1000 * (first_seed + step) + i, param.dtype)
         opt.step()
 
 
@@ -51,14 +50,7 @@ def assert_same(got, want, what, tol=1e-6):
 
 def assert_state_dicts_equal(a, b):
     assert a["param_groups"] == b["param_groups"]
-    assert a["state"].keys() == b["state"].keys()
-    for key in a["state"]:
-        assert a["state"][key].keys() == b["state"][key].keys()
-        for name, value in a["state"][key].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, b["state"][key][name]), (key, name)
-            else:
-                assert value == b["state"][key][name], (key, name)
+    assert_same_state(a["state"], b["state"])
 
 
 def run_pair(backend, build, steps, first_seed=10):
@@ -297,7 +289,7 @@ def stage_steps_change(backend):
         phases.append(opt.phase)
         hand_steps(opt, [param], 1, first_seed=step)
     assert phases == ["explore", "explore", "exploit", "exploit"], phases
-    scores = sum(grid_grad(param.shape, 1000 * step) ** 2 for step in (6, 7))
+    scores = sum(seeded_grad(param.shape, 1000 * step) ** 2 for step in (6, 7))
     want = selection.select_mask(scores, 0.3)
     assert torch.equal(opt.mask(param), want) and not torch.equal(want, old_mask)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dps_fast import DPSAdamW, param_groups
-from dps_fast.tiny import TinyEncoder
+from training import assert_same_state, tiny_model
 
 ATTEMPTS = 14
 OVERFLOWS = (1, 4, 5, 8, 12)  # step() calls whose gradients hold an inf
@@ -23,8 +23,7 @@ def train(backend, sync_free, device="cpu", variant="dense", masked="grad", clip
 
     clip: None (the kernels unscale) or a max norm (scaler.unscale_(opt), then
     opt.clip_grad_norm_, as the README prescribes)."""
-    torch.manual_seed(0)
-    model = TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8).to(device)
+    model = tiny_model().to(device)
     opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant=variant, masked=masked, backend=backend)
     if not sync_free:
         opt._step_supports_amp_scaling = False  # GradScaler then syncs and skips step() itself
@@ -58,10 +57,4 @@ def assert_sync_free_matches_host_synced(backend, device="cpu", **case):
         for i, (a, b) in enumerate(zip(want, got)):
             assert torch.equal(a, b), f"call {attempt}, parameter {i}"
     assert got_state["param_groups"] == want_state["param_groups"]
-    assert got_state["state"].keys() == want_state["state"].keys()
-    for index, want in want_state["state"].items():
-        got = got_state["state"][index]
-        assert got.keys() == want.keys(), f"parameter {index}: state keys"
-        for key, value in want.items():
-            same = torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value
-            assert same, f"parameter {index}: state {key!r}"
+    assert_same_state(got_state["state"], want_state["state"])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dps_fast import DPSAdamW, backends
+from training import grid_grad
 
 BACKENDS = [name for name in ("torch", "cpu", "triton") if backends.unavailable_reason(name, "cpu") is None]
 CONFIGS = {"adamw": dict(sparsity=0.0, stage_steps=2), "dps": dict(sparsity=0.3, stage_steps=2)}
@@ -43,7 +44,7 @@ def set_grads(params, step):
     """Gradients on the 1/16 grid (exact squares: scores and masks agree exactly)."""
     for i, param in enumerate(params):
         generator = torch.Generator().manual_seed(100 * step + i)
-        param.grad = (torch.randint(-63, 64, param.shape, generator=generator) / 16).to(param.dtype)
+        param.grad = grid_grad(param.shape, generator, param.dtype)
 
 
 def run(opt, params, steps, first=0):

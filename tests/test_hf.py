@@ -14,6 +14,7 @@ from dps_fast import DPSAdamW, param_groups  # noqa: E402
 from dps_fast.data import INSTALL_HINT, MissingPackage  # noqa: E402
 from dps_fast.tiny import TinyEncoder  # noqa: E402
 from dps_fast.integrations.hf import DPSTrainer, MaskedClipCallback, unwrap_optimizer  # noqa: E402
+from training import tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,6 @@ def test_trainer_applies_masks_in_exploitation_stages(bundled, tmp_path):
     assert trainer.args.max_grad_norm == 0 and args.max_grad_norm == 1.0
 
 
-def _tiny(seed=0):
-    torch.manual_seed(seed)
-    return TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
-
-
 class _Wrapped:
     """What a callback receives from an fp16 Trainer: accelerate's optimizer wrapper with its GradScaler."""
 
@@ -102,7 +98,7 @@ def test_masked_clip_under_grad_scaler_matches_unscaled_training(trainer_unscale
     """fp16 path: the callback clips unscaled gradients (unscaling itself only
     if the Trainer did not), and scaler.step then applies the same update as
     training without a scaler; an inf gradient skips the step entirely."""
-    scaled_model, plain_model = _tiny(), _tiny()
+    scaled_model, plain_model = tiny_model(), tiny_model()
     kwargs = dict(lr=1e-2, stage_steps=2)
     scaled, plain = DPSAdamW(param_groups(scaled_model), **kwargs), DPSAdamW(param_groups(plain_model), **kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)

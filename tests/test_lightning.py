@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from dps_fast import DPSAdamW, param_groups  # noqa: E402
 from dps_fast.integrations.lightning import (DPSLightningModule, clip_gradients,  # noqa: E402
                                              create_dps_optimizer, estimated_steps)
-from dps_fast.tiny import TinyEncoder  # noqa: E402
+from training import assert_same_state, tiny_model  # noqa: E402
 
 PRECISIONS = ["32-true", "bf16-mixed", "16-mixed"]
 pytestmark = [
@@ -42,8 +42,7 @@ class Tiny(DPSLightningModule, L.LightningModule):
 
     def __init__(self, seed=0, lr=1e-2, **dps_kwargs):
         super().__init__()
-        torch.manual_seed(seed)
-        self.net = TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
+        self.net = tiny_model(seed)
         self.lr, self.dps_kwargs = lr, dps_kwargs
 
     def training_step(self, batch, batch_idx):
@@ -254,18 +253,6 @@ def _opt_state(opt):
     return state
 
 
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for i in a:
-        assert a[i].keys() == b[i].keys(), i
-        for key in a[i]:
-            x, y = a[i][key], b[i][key]
-            if isinstance(x, torch.Tensor):
-                assert torch.equal(x, y), (i, key)
-            else:
-                assert x == y, (i, key)
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_resume_from_checkpoint_continues_the_schedule(precision, tmp_path):
     """A run resumed with fit(ckpt_path=...) from an end-of-epoch checkpoint, mid-stage, ends bit for bit
@@ -296,7 +283,7 @@ def test_resume_from_checkpoint_continues_the_schedule(precision, tmp_path):
         assert again.global_step == 16 and _confirmed_step(opt) == 16
         assert opt.param_groups[0]["stage_steps"] == 3 and opt.phase == full_opt.phase
         _assert_same_params(full, resumed)
-        _assert_same_state(_opt_state(full_opt), _opt_state(opt))
+        assert_same_state(_opt_state(full_opt), _opt_state(opt))
         if scaler is not None:
             assert again.precision_plugin.scaler.state_dict() == scaler.state_dict()
     assert full_opt.mask(full.net.pooler.weight) is not None
@@ -363,8 +350,7 @@ def test_pytorch_lightning_namespace(tmp_path):
 
         def __init__(self, **kwargs):
             super().__init__()
-            torch.manual_seed(0)
-            self.net = TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
+            self.net = tiny_model(0)
             self.lr, self.dps_kwargs = 1e-2, kwargs
 
     clip, kwargs = 0.05, dict(sparsity=0.3, stage_ratio=0.25)

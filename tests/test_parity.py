@@ -21,6 +21,7 @@ from torch import nn
 from dps_fast import DPSAdamW, backends, param_groups
 from dps_fast.tiny import TinyEncoder, synthetic_task
 from dps_fast.published import PublishedDPS
+from training import grid_grad
 
 STAGE_STEPS = 3
 STEPS = 14  # stages 1-5: explore, exploit, explore, exploit, explore (2 steps)
@@ -136,7 +137,7 @@ def test_end_to_end_with_exact_scores(masked, clip):
     published = PublishedDPS(published_model, [{"params": list(published_model.parameters())}], masked=masked,
                              **HYPER)
     for step in range(STEPS):
-        grads = [torch.randint(-63, 64, s, generator=generator).float() / 16 for s in shapes]
+        grads = [grid_grad(s, generator) for s in shapes]
         ours.zero_grad(), published.zero_grad()
         for param, grad in zip(ours_model.parameters(), grads):
             param.grad = grad.clone()

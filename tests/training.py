@@ -1,4 +1,5 @@
-"""A tiny BERT-shaped model and its training step, shared by the optimizer's tests."""
+"""What the tests share: a tiny BERT-shaped model and its training step, gradients
+whose scores are exact, and the comparison of two optimizer states."""
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +9,21 @@ from dps_fast.tiny import TinyEncoder
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return TinyEncoder(vocab=16, dim=16, layers=1, heads=2, length=8)
+
+
+def grid_grad(shape, generator, dtype=torch.float32):
+    """A gradient on the 1/16 grid: its squares, and so scores and masks, are exact."""
+    return (torch.randint(-63, 64, shape, generator=generator) / 16).to(dtype)
+
+
+def assert_same_state(a, b):
+    """Two optimizers' per-parameter states ({index: {key: value}}) equal, tensors to the bit."""
+    assert a.keys() == b.keys()
+    for index in a:
+        assert a[index].keys() == b[index].keys(), f"parameter {index}: state keys"
+        for key, value in a[index].items():
+            same = torch.equal(value, b[index][key]) if isinstance(value, torch.Tensor) else value == b[index][key]
+            assert same, f"parameter {index}: state {key!r}"
 
 
 def batch(step, size=8):
