@@ -54,7 +54,8 @@ def resolve(backend, device, implementation=None):
     a backend that cannot run raises RuntimeError saying why."""
     check_name(backend)
     if backend == "auto":
-        names = {"fused": BACKEND_NAMES[:-1], "unfused": ("torch",), None: BACKEND_NAMES}[implementation]
+        kernels = tuple(name for name in BACKEND_NAMES if name != "torch")
+        names = {"fused": kernels, "unfused": ("torch",), None: BACKEND_NAMES}[implementation]
         for name in names:
             # Triton on the CPU is its interpreter: a test tool, never the fast choice.
             if name == "triton" and torch.device(device).type == "cpu":
