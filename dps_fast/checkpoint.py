@@ -3,10 +3,13 @@ checks, converts and migrates what it is given (DPSAdamW's methods call these).
 
 A load builds the whole new state before anything changes, so a failed load
 leaves the optimizer as it was. Each entry goes through param_state.adopt
-(fits its parameter, or is converted to the form the kernels take, or is a
-ValueError naming the parameter and the key) and param_state.check_complete. A torch.optim.AdamW group (one without
+(fits its parameter, or is converted to the form the kernels take: fp32
+moments and scores whatever the parameter's dtype, in its layout, a bool
+mask packed; or is a ValueError naming the parameter and the key) and
+param_state.check_complete. A torch.optim.AdamW group (one without
 "dps_step") migrates: its hyperparameters, moments and steps are taken, the
-current group's DPS settings kept, and the DPS schedule starts at the next step.
+current group's DPS settings kept (DPS_KEYS), and the DPS schedule starts
+with an exploration stage at the next step.
 """
 import copy
 from collections import defaultdict

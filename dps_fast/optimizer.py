@@ -143,20 +143,10 @@ class DPSAdamW(Optimizer):
         return checkpoint.saved(self, super().state_dict())
 
     def load_state_dict(self, state_dict):
-        """As torch.optim.Optimizer.load_state_dict (hooks included), with three differences
-        (dps_fast.checkpoint).
-
-        - Every state entry is checked against its parameter before anything
-          changes (a failed load leaves the optimizer as it was) and brought to
-          the form the kernels take (dps_fast.param_state.adopt): moments and
-          scores stay (or become) fp32 whatever the parameter's dtype, in its
-          layout; a bool mask is packed. An entry that cannot fit (another
-          shape) is a ValueError naming the parameter and the key.
-        - A torch.optim.AdamW state dict migrates: AdamW's hyperparameters,
-          moments and steps are taken, the DPS settings of the current groups are
-          kept, and the DPS schedule starts (with an exploration stage) at the next step.
-        - DTensor parameters take full (unsharded) state tensors too.
-        """
+        """As torch.optim.Optimizer.load_state_dict (hooks included), except that every
+        entry is checked and converted before anything changes, a torch.optim.AdamW
+        state dict migrates, and DTensor parameters take full state tensors too
+        (dps_fast.checkpoint says how)."""
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
