@@ -12,7 +12,8 @@ from dps_fast.backends import contract
 
 MODULES = {"torch": "reference", "cpu": "cpu", "cuda": "cuda", "triton": "triton_backend"}
 # Public helpers a backend may have besides the contract's functions.
-HELPERS = {"torch": {"adamw_math"}}  # the spec's AdamW step, which the kernels' comments cite
+# the spec's AdamW step, which the kernels' comments cite; the fast backends' fallback
+HELPERS = {"torch": {"adamw_math", "update_some"}}
 
 
 def _backend(name):
