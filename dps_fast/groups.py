@@ -16,10 +16,19 @@ Frozen parameters (requires_grad=False) are left out, and so are empty groups.
 Any other weight (a parameter named *weight) of two or more dimensions, e.g. a
 custom layer's or a convolution's, is left to plain AdamW with a warning that
 names it.
+
+A parametrized tensor (torch.nn.utils.parametrize: weight_norm, spectral_norm,
+orthogonal, ...) is computed from the parametrization's originals, which are
+the parameters; they take the rule of the tensor they make. Of a linear map's
+weight, DPS manages the original with the most entries (the weight itself for
+spectral_norm and orthogonal, the direction v for weight_norm); the others
+(weight_norm's magnitude g) are plain AdamW with decay, and named in the
+warning when they have two or more dimensions.
 """
 import warnings
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def _is_norm(module):
@@ -28,42 +37,70 @@ def _is_norm(module):
         or "norm" in type(module).__name__.lower()
 
 
+def _originals(module, name):
+    """The parameters behind `module.<name>`: the parametrization's originals if it is
+    parametrized (without computing it), else the tensor itself ([] if None)."""
+    if parametrize.is_parametrized(module, name):
+        return list(module.parametrizations[name].parameters(recurse=False))
+    tensor = getattr(module, name)
+    return [] if tensor is None else [tensor]
+
+
+def _own_parameters(module):
+    """The parameters `module` holds directly, the originals of its parametrized tensors included."""
+    originals = [p for plist in getattr(module, "parametrizations", {}).values() for p in plist.parameters(recurse=False)]
+    return list(module.parameters(recurse=False)) + originals
+
+
 def _linear_weights(module):
-    """The weights of the linear maps `module` holds directly."""
-    if isinstance(module, nn.Linear):
-        return [module.weight]
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
-        return [module.weight]
-    if isinstance(module, nn.MultiheadAttention):  # its out_proj is an nn.Linear, met on its own
-        return [w for w in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight,
-                            module.v_proj_weight) if w is not None]
-    return []
+    """The managed tensors of the linear maps `module` holds directly: each weight, or the
+    largest original of a parametrized one."""
+    if isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")):
+        names = ["weight"]  # Conv1D: transformers.pytorch_utils.Conv1D
+    elif isinstance(module, nn.MultiheadAttention):  # its out_proj is an nn.Linear, met on its own
+        names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    else:
+        return []
+    weights = []
+    for originals in filter(None, (_originals(module, name) for name in names)):
+        largest = max(p.numel() for p in originals)
+        weights += [p for p in originals if p.numel() == largest]
+    return weights
+
+
+def _made_name(name):
+    """The name of the tensor a parameter makes: `x.weight` for a parametrization's
+    original `x.parametrizations.weight.original0`, else the name itself."""
+    prefix, found, rest = name.rpartition("parametrizations.")
+    return prefix + rest.split(".")[0] if found else name
 
 
 def param_groups(model, weight_decay=0.01):
     """Param groups for DPSAdamW, by the rule of this module's docstring: the
     managed linear weights (with decay), plain AdamW with decay, plain AdamW
     without decay (biases, normalisation)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {id(w) for m in model.modules() if isinstance(m, nn.Embedding) for w in _originals(m, "weight")}
     linear = {id(w) for m in model.modules() for w in _linear_weights(m)} - embeddings
-    no_decay = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+    no_decay = {id(p) for m in model.modules() if _is_norm(m) for p in _own_parameters(m)}
     no_decay |= {id(t) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-                 for t in (m.bias_k, m.bias_v) if t is not None}
+                 for name in ("bias_k", "bias_v") for t in _originals(m, name)}
     managed, decayed, undecayed, unmanaged = [], [], [], []
     for name, param in model.named_parameters():  # shared tensors are listed once
         if not param.requires_grad:
             continue
+        made = _made_name(name)
         if id(param) in linear:
             managed.append(param)
-        elif id(param) in no_decay or name.endswith("bias"):
+        elif id(param) in no_decay or made.endswith("bias"):
             undecayed.append(param)
         else:
             decayed.append(param)
-            if param.dim() >= 2 and name.endswith("weight") and id(param) not in embeddings:
+            if param.dim() >= 2 and made.endswith("weight") and id(param) not in embeddings:
                 unmanaged.append(name)
     if unmanaged:
-        warnings.warn(f"param_groups: {len(unmanaged)} weight(s) of 2 or more dimensions are not in a linear "
-                      f"layer DPS knows (nn.Linear, Conv1D, nn.MultiheadAttention) and stay plain AdamW: "
+        warnings.warn(f"param_groups: {len(unmanaged)} weight(s) of 2 or more dimensions are not the weight of a "
+                      f"linear layer DPS knows (nn.Linear, Conv1D, nn.MultiheadAttention), nor the largest original "
+                      f"of a parametrized one, and stay plain AdamW: "
                       f"{', '.join(unmanaged[:10])}{' ...' if len(unmanaged) > 10 else ''}. To manage them, "
                       "put them in a group of their own (DPSAdamW manages every group without \"dps\": False).",
                       stacklevel=2)

@@ -3,7 +3,9 @@ fine-tune (built from configs, random weights: nothing is downloaded)."""
 import warnings
 
 import pytest
+import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 from dps_fast import param_groups
 from dps_fast.tiny import TinyEncoder
@@ -90,3 +92,47 @@ def test_frozen_parameters_and_empty_groups_are_left_out():
     model[0].weight.requires_grad_(False)
     groups = param_groups(model)
     assert all(g["params"] for g in groups) and all(g.get("dps") is False for g in groups)
+
+
+def test_parametrized_weights_manage_their_largest_original():
+    """weight_norm (g, v), spectral_norm and orthogonal on linear layers: DPS manages the
+    original with the weight's entries (v, original); weight_norm's magnitude g stays plain
+    AdamW and is named; a parametrized LayerNorm weight and bias stay undecayed, a
+    parametrized embedding plain with decay."""
+    class Scale(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    norm = nn.LayerNorm(4)
+    parametrize.register_parametrization(norm, "weight", Scale())
+    parametrize.register_parametrization(norm, "bias", Scale())
+    embedding = nn.Embedding(6, 4)
+    parametrize.register_parametrization(embedding, "weight", Scale())
+    model = nn.Sequential(embedding, parametrizations.weight_norm(nn.Linear(4, 4)),
+                          parametrizations.spectral_norm(nn.Linear(4, 4)),
+                          parametrizations.orthogonal(nn.Linear(4, 4)), norm)
+    managed, decayed, undecayed, caught = _names(model)
+    assert managed == ["1.parametrizations.weight.original1", "2.parametrizations.weight.original",
+                       "3.parametrizations.weight.original"]
+    assert decayed == ["0.parametrizations.weight.original", "1.parametrizations.weight.original0"]
+    assert undecayed == ["1.bias", "2.bias", "3.bias", "4.parametrizations.weight.original",
+                         "4.parametrizations.bias.original"]
+    assert len(caught) == 1 and "1.parametrizations.weight.original0" in caught[0]
+    assert "0.parametrizations" not in caught[0]  # the embedding's is never masked, so not named
+
+
+def test_a_weight_normalised_model_trains_with_dps():
+    from dps_fast import DPSAdamW
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # g is named, as tested above
+        opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2)
+    direction = model[0].parametrizations.weight.original1
+    x = torch.randn(16, 8)
+    for _ in range(4):  # explore 1-2, exploit 3-4
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    assert opt.mask(direction) is not None and opt.mask(direction).float().mean() >= 0.7
