@@ -93,6 +93,7 @@ class DPSAdamW(Optimizer):
             options.check_group(defaults, backend)
         self.backend = backend
         self.total_steps = total_steps  # a group's own stage_ratio applies to it
+        self._mix_handles = []  # the live attach_mix attachments (not state: never saved, kept by a load)
         self._reset_transient()
         super().__init__(params, defaults)
 
@@ -114,6 +115,7 @@ class DPSAdamW(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("total_steps", None)
+        self.__dict__.setdefault("_mix_handles", [])
         self._reset_transient()
 
     # ----- param groups and state -------------------------------------------------
@@ -204,6 +206,12 @@ class DPSAdamW(Optimizer):
         """Route the forward pass of `model` through DPS-Mix mixing (see
         dps_fast.mix.attach). Returns a handle with .remove()."""
         return mix.attach(self, model)
+
+    def detach_mix(self):
+        """Undo every attach_mix of this optimizer: the models' modules get their own
+        forward back (the integrations call it when their run ends)."""
+        for handle in list(self._mix_handles):
+            handle.remove()
 
     # ----- schedule: the extension points and their queries ---------------------------
 

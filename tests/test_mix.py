@@ -131,7 +131,7 @@ def test_mix_attach_twice_raises():
     model = tiny_model()
     opt = DPSAdamW(param_groups(model), stage_steps=2, variant="mix")
     opt.attach_mix(model)
-    with pytest.raises(RuntimeError, match="attached twice"):
+    with pytest.raises(RuntimeError, match="already mixed by this DPSAdamW \\(attach_mix called twice"):
         opt.attach_mix(model)
 
 
@@ -156,3 +156,125 @@ def test_a_torch_adamw_state_loaded_after_attach_keeps_w0(adamw_steps):
         opt.step()
     assert torch.equal(opt.state[model[0].weight]["mix_init"], w0)
     assert opt.state[model[0].weight]["step"] == adamw_steps + 5
+
+
+# ----- modules whose forward is their own: subclasses, hooks, parametrizations ----------
+
+class _Scaled(nn.Linear):
+    """A Linear subclass with a forward of its own (as scaled, fake-quantised or LoRA-style layers have)."""
+
+    def forward(self, x):
+        return super().forward(x) * 10.0
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(_Scaled(8, 4)), _Attention], ids=["linear-subclass", "mha"])
+def test_the_modules_own_forward_runs_on_the_mixed_tensors(make):
+    """At sparsity ~0 the mixed tensors equal the weights: train mode must give what the
+    module's own forward gives, and its forward hooks must run once per call."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(3, 5, 16) if make is _Attention else torch.randn(3, 8)
+    calls = []
+    module = model.layer.self_attn if make is _Attention else model[0]
+    module.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        own = model(x)
+    opt = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2, variant="mix", sparsity=1e-6)
+    opt.attach_mix(model)
+    calls.clear()
+    with torch.no_grad():
+        mixed = model(x)
+    torch.testing.assert_close(mixed, own, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+
+
+def test_an_instance_forward_set_before_attach_is_kept_and_restored():
+    """A forward replaced on the instance before attach_mix (as hooks libraries do) runs
+    inside the mixing and is what remove() gives back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    linear = model[0]
+    linear.forward = lambda x: nn.Linear.forward(linear, x) + 1.0
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        own = model(x)
+    opt = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2, variant="mix", sparsity=1e-6)
+    handle = opt.attach_mix(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), own, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), own)
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x, step):
+        return (self.a if step % 2 else self.b)(self.body(x))
+
+
+def test_a_layer_unused_in_a_step_is_updated_as_its_zero_gradient_says():
+    """zero_grad(set_to_none=False) and two heads used in alternate steps: each step the
+    unused head has a zero gradient and no mixed backward; DPS-Mix trains as dense does."""
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix")
+    opt.attach_mix(model)
+    x = torch.randn(3, 4)
+    for step in range(6):  # explore 1-2, exploit 3-4, explore 5-6; head b in steps 1, 3, 5, head a in 2, 4, 6
+        if step == 5:
+            before = {key: opt.state[model.b.weight][key].clone() for key in ("mix_count", "exp_avg", "score")}
+        opt.zero_grad(set_to_none=False)
+        model(x, step).sum().backward()
+        opt.step()
+    assert opt.mask(model.a.weight) is not None and opt.mask(model.b.weight) is not None
+    state = opt.state[model.b.weight]  # unused in step 6, an exploration step: a zero gradient
+    assert state["step"] == 6 and opt.state[model.a.weight]["step"] == 5  # a has had a gradient since step 2
+    assert torch.equal(state["mix_count"], before["mix_count"])  # kept nothing
+    assert torch.equal(state["score"], before["score"])  # += 0
+    torch.testing.assert_close(state["exp_avg"], 0.9 * before["exp_avg"])
+
+
+def test_a_model_left_in_eval_mode_is_named():
+    model = _TwoHeads()
+    opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix")
+    opt.attach_mix(model)
+    model.eval()
+    model(torch.randn(3, 4), 0).sum().backward()
+    with pytest.raises(RuntimeError, match="in eval mode.*model.train\\(\\)"):
+        opt.step()
+    assert opt.param_groups[0]["dps_step"] == 0
+
+
+def test_detach_mix_restores_every_module_and_a_new_optimizer_attaches():
+    model = _mlp()
+    x = torch.randn(4, 8)
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+    model.train()
+    first = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix", sparsity=0.5)
+    first.attach_mix(model)
+    with pytest.raises(RuntimeError, match="already mixed by another DPSAdamW"):
+        DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix").attach_mix(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # W moves away from W0: mixing would show
+        plain = model.eval()(x)
+        model.train()
+        assert not torch.allclose(model(x), plain)
+        first.detach_mix()
+        assert torch.equal(model(x), plain)  # training mode, no mixing left
+    DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix").attach_mix(model)
+
+
+def test_a_parametrized_weight_is_refused_by_name():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="original0"):  # weight_norm's g (param_groups' rule)
+        groups = param_groups(model)
+    opt = DPSAdamW(groups, lr=1e-2, stage_steps=2, variant="mix")
+    with pytest.raises(ValueError, match="parametrized weight: 0.parametrizations.weight.original1"):
+        opt.attach_mix(model)
