@@ -163,3 +163,29 @@ def test_trainer_refuses_an_optimizer_choice_it_would_ignore(tmp_path):
     args = TrainingArguments(str(tmp_path), optim="adafactor", report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match=r"TrainingArguments\(optim='adafactor'\) would be ignored"):
         DPSTrainer(model=_Classifier(), args=args, train_dataset=_tiny_data())
+
+
+def test_a_mix_trainers_mixing_ends_with_its_train(tmp_path):
+    """variant="mix": after train() the model computes with its own weights in training
+    mode too (no stale Mixout toward the finished run's W0); a second DPSTrainer on the
+    same model trains, and so does a second train() of the first."""
+    model = _Classifier()
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    tokens = torch.stack([row["tokens"] for row in _tiny_data(4)])
+
+    def train_mode_forwards_agree():
+        model.train()
+        with torch.no_grad():
+            return torch.equal(model.encoder(tokens), model.encoder(tokens))  # no dropout: only mixing differs
+
+    first = DPSTrainer(model=model, args=args, train_dataset=_tiny_data(), dps_kwargs=dict(stage_steps=2,
+                                                                                       variant="mix"))
+    first.train()
+    assert first.dps_optimizer.param_groups[0]["dps_step"] == 4 and train_mode_forwards_agree()
+    second = DPSTrainer(model=model, args=args, train_dataset=_tiny_data(), dps_kwargs=dict(stage_steps=2,
+                                                                                        variant="mix"))
+    second.train()
+    assert second.dps_optimizer.param_groups[0]["dps_step"] == 4 and train_mode_forwards_agree()
+    first.train()  # its optimizer again: attached for the run, detached after
+    assert first.dps_optimizer.param_groups[0]["dps_step"] == 8 and train_mode_forwards_agree()

@@ -303,8 +303,11 @@ class Manual(Tiny):
         loss = F.cross_entropy(self.net(tokens), labels)
         opt.zero_grad()
         self.manual_backward(loss)
-        clip_gradients(self, opt, self.clip)  # opt: a LightningOptimizer (opt.clip_grad_norm_ would be lost)
+        self.clip_step(opt)
         opt.step()
+
+    def clip_step(self, opt):
+        clip_gradients(self, opt, self.clip)  # opt: a LightningOptimizer; unscales under "16-mixed"
 
 
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
@@ -324,7 +327,27 @@ def test_mix_variant_fits_twice(tmp_path):
         trainer.fit(module, _loader(4))
         opt = trainer.optimizers[0]
         assert _confirmed_step(opt) == 4 and opt.mask(module.net.pooler.weight) is not None
+        tokens = next(iter(_loader(1)))[0]
+        module.train()
+        with torch.no_grad():  # on_fit_end detached the mixing: train mode computes with the weights
+            assert torch.equal(module.net(tokens), module.net(tokens))
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class ManualWrapperClip(Manual):
+    """Manual optimization clipping through the LightningOptimizer's own clip_grad_norm_."""
+
+    def clip_step(self, opt):
+        opt.clip_grad_norm_(self.clip)  # the wrapper shares DPSAdamW's pending clip
+
+
+def test_manual_optimization_clip_through_the_wrapper(tmp_path):
+    clip, kwargs = 0.05, dict(sparsity=0.3, stage_ratio=0.25)
+    wrapper, manual, unclipped = ManualWrapperClip(clip, **kwargs), Manual(clip, **kwargs), Manual(0, **kwargs)
+    for module in (wrapper, manual, unclipped):
+        _trainer("32-true", tmp_path, max_epochs=2).fit(module, _loader(6))
+    _assert_same_params(wrapper, manual)
+    assert any(not torch.equal(a, b) for a, b in zip(manual.parameters(), unclipped.parameters()))
 
 
 def test_create_dps_optimizer_stage_length(tmp_path):

@@ -20,7 +20,9 @@ TrainingArguments; everything else from `dps_kwargs`), with
   max_grad_norm=0 and clips the gradients step() applies (masked in
   exploitation stages) to the same norm with `opt.clip_grad_norm_`, from a
   callback's `on_pre_optimizer_step` (MaskedClipCallback);
-- for variant="mix", the model attached for DPS-Mix mixing.
+- for variant="mix", the model attached for DPS-Mix mixing while train()
+  runs (detached when it ends, however it ends: a later trainer, or a plain
+  loop, then trains the model as it is).
 
 Mixed precision. bf16 needs nothing. With fp16, accelerate wraps the
 optimizer in an AcceleratedOptimizer holding a GradScaler: the gradients are
@@ -61,7 +63,7 @@ def create_dps_optimizer(model, args, num_training_steps, **dps_kwargs):
     decay and T = int(stage_ratio * num_training_steps), unless dps_kwargs give
     stage_steps; `dps_kwargs` go to DPSAdamW (sparsity, stage_steps or
     stage_ratio, variant, masked, backend). A variant="mix" optimizer is
-    attached to `model`."""
+    attached to `model`: call its detach_mix() when training ends."""
     stage = {} if "stage_steps" in dps_kwargs else {"total_steps": num_training_steps}
     optimizer = DPSAdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **stage, **dps_kwargs)
@@ -120,6 +122,17 @@ class DPSTrainer(Trainer):
             self.args = copy.copy(self.args)
             self.args.max_grad_norm = 0.0
             self.add_callback(MaskedClipCallback(clip))
+
+    def train(self, *args, **kwargs):
+        """Trainer.train; for variant="mix" the model is mixed only while it runs."""
+        optimizer = self.dps_optimizer  # None the first time: create_optimizer attaches it
+        if optimizer is not None and self.dps_kwargs.get("variant") == "mix":
+            optimizer.attach_mix(self.model)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.optimizer is not None:
+                self.dps_optimizer.detach_mix()
 
     @property
     def dps_optimizer(self):

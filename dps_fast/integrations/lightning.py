@@ -19,7 +19,9 @@ Two things differ from a plain AdamW in Lightning, and this module does both.
   `max_steps` included), the number an LR schedule over the run also uses.
   Call it from `configure_optimizers`, where the Trainer is attached; give
   `stage_steps=` (or `total_steps=`) to set T yourself. A variant="mix"
-  optimizer is attached to the module for DPS-Mix mixing.
+  optimizer is attached to the module for DPS-Mix mixing; the mixin's
+  `on_fit_end` detaches it, so that after `fit` the module computes with its
+  own weights in training mode too.
 - Gradient clipping. Lightning clips with `torch.nn.utils.clip_grad_norm_`,
   which sees the unmasked gradients in exploitation stages: at precision
   32 it silently clips the wrong norm, and under "bf16-mixed"/"16-mixed" it
@@ -52,10 +54,11 @@ precision). Lightning does not restore the RNG state, so DPS-Mix (random
 Mixout draws) resumes with other draws unless you restore it yourself.
 
 Manual optimization: call `clip_gradients(self, opt, max_norm)` between
-`self.manual_backward(loss)` and `opt.step()`. Not `opt.clip_grad_norm_`
-on the LightningOptimizer that `self.optimizers()` returns: the clip it sets
-stays on the wrapper and the step never applies it (`clip_gradients`
-unwraps, and unscales under "16-mixed").
+`self.manual_backward(loss)` and `opt.step()`. `opt.clip_grad_norm_` on the
+LightningOptimizer that `self.optimizers()` returns clips the same way at
+"32-true" and "bf16-mixed" (the wrapper shares DPSAdamW's pending clip), but
+under "16-mixed" it would see loss-scaled gradients: `clip_gradients`
+unscales them first.
 
 Not covered: DeepSpeed and FSDP1 strategies flatten parameters (not
 supported by DPSAdamW, see the README).
@@ -65,6 +68,7 @@ import warnings
 
 import torch
 
+from .. import mix
 from ..amp import unscale_once
 from ..groups import param_groups
 from ..optimizer import DPSAdamW
@@ -125,8 +129,8 @@ def create_dps_optimizer(module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_d
     T = int(stage_ratio * trainer.estimated_stepping_batches), unless
     `dps_kwargs` give stage_steps or total_steps. Other `dps_kwargs` go to
     DPSAdamW (sparsity, stage_ratio, variant, masked, backend, ...). For
-    variant="mix" the model is attached for mixing (an earlier attachment by
-    this function, e.g. from a previous fit, is removed first)."""
+    variant="mix" the model is attached for mixing (any earlier mixing of it, e.g.
+    from a fit that raised before the mixin's on_fit_end, is removed first)."""
     model = module if model is None else model
     _warn_if_clipped_unmasked(module)
     if dps_kwargs.get("stage_steps") is None and dps_kwargs.get("total_steps") is None:
@@ -134,10 +138,8 @@ def create_dps_optimizer(module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_d
         dps_kwargs["total_steps"] = estimated_steps(module)
     optimizer = DPSAdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **dps_kwargs)
     if dps_kwargs.get("variant") == "mix":
-        previous = getattr(model, "_dps_mix_handle", None)
-        if previous is not None:
-            previous.remove()
-        model._dps_mix_handle = optimizer.attach_mix(model)
+        mix.detach(model)
+        optimizer.attach_mix(model)
     return optimizer
 
 
@@ -191,8 +193,9 @@ class DPSLightningModule:
     Its `configure_gradient_clipping` clips a DPSAdamW's gradients with
     `clip_gradients` (the masked norm, unscaled under "16-mixed") at the
     Trainer's `gradient_clip_val`, and returns what it returns (Lightning
-    ignores it); other optimizers get Lightning's own clipping. Override it and call `clip_gradients(self, optimizer, ...)`
-    for other limits."""
+    ignores it); other optimizers get Lightning's own clipping. Override it and
+    call `clip_gradients(self, optimizer, ...)` for other limits. Its `on_fit_end`
+    removes the DPS-Mix mixing of the fit's DPSAdamW (call super() if you override it)."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -209,3 +212,10 @@ class DPSLightningModule:
         if _dps_of(optimizer) is None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         return clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # the norm, or None
+
+    def on_fit_end(self):
+        for optimizer in self.trainer.optimizers:
+            dps = _dps_of(optimizer)
+            if dps is not None:
+                dps.detach_mix()
+        super().on_fit_end()
