@@ -19,17 +19,19 @@ def clip_factor(entries, max_norm, norm_type=2.0, error_if_nonfinite=False):
     """(total norm, clip factor min(1, max_norm / (norm + 1e-6)), both 0-dim) of the
     gradients `entries` = [(param, packed mask or None, backend)] as masked; the
     L2 norms of masked gradients come from their backend (one pass over each
-    gradient and its mask bits), the others from torch."""
+    gradient and its mask bits), the others from torch. Dtypes follow
+    torch.nn.utils.clip_grad_norm_: each norm in its gradient's dtype, so that bf16
+    gradients give a bf16 total norm and factor in either phase."""
     grads, masked = [], {}
     for param, bits, backend in entries:
         if bits is None:
             grads.append(param.grad)
         elif float(norm_type) == 2.0 and not distributed.is_dtensor(param):
-            masked.setdefault((backend, param.device), []).append((param.grad, bits))
+            masked.setdefault((backend, param.device, param.grad.dtype), []).append((param.grad, bits))
         else:
             grads.append(param.grad * param_state.bool_mask(param, bits))
-    for (backend, _), pairs in masked.items():  # the 2-norm of the per-tensor 2-norms is the total 2-norm
-        grads.append(backend.masked_norms(*zip(*pairs)))
+    for (backend, _, dtype), pairs in masked.items():  # the 2-norm of per-tensor 2-norms is the total 2-norm
+        grads.append(backend.masked_norms(*zip(*pairs)).to(dtype))
     total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
     if distributed.is_dtensor(total_norm):  # sharded gradients: the norm over all shards
         total_norm = total_norm.full_tensor()

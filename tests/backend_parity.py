@@ -45,6 +45,10 @@ def cases(quick=False):
         ("mixed-mix-freeze-clip-inf", dict(mixed, variant="mix", masked="freeze", clip=0.5, inf_steps=(4, 7))),
         ("mixed-bf16", dict(mixed, dtype=torch.bfloat16)),
         ("mixed-fp16-freeze", dict(mixed, dtype=torch.float16, masked="freeze")),
+        # clip norms of low-precision gradients: rounded to their dtype, as torch rounds them, in every phase
+        ("mixed-bf16-clip", dict(mixed, dtype=torch.bfloat16, clip=0.5)),
+        ("200x50-fp16-clip", dict(managed=[(200, 50)], plain=[], dtype=torch.float16, clip=1.0, stage_steps=1,
+                                  steps=4)),
     ]
     return out
 
@@ -52,7 +56,7 @@ def cases(quick=False):
 def run(backend, managed, plain, *, variant="dense", masked="grad", dtype=torch.float32, device="cpu",
         steps=14, stage_steps=3, sparsity=0.3, inf_steps=(), clip=None, seed=0):
     """Train synthetic tensors for `steps` steps; returns one snapshot per step:
-    {name: tensor} for every parameter and state tensor."""
+    {name: tensor} for every parameter and state tensor, and the clip's total norm."""
     generator = torch.Generator().manual_seed(seed)
     make = lambda shape: (torch.randn(shape, generator=generator)).to(device, dtype)  # noqa: E731
     managed_params = [make(s).requires_grad_() for s in managed]
@@ -84,14 +88,13 @@ def run(backend, managed, plain, *, variant="dense", masked="grad", dtype=torch.
             if step in inf_steps:
                 next(p for p in params if p.numel()).grad.view(-1)[0] = float("inf")
             scaler.unscale_(opt)
-        if clip is not None:
-            opt.clip_grad_norm_(clip)
+        norm = opt.clip_grad_norm_(clip) if clip is not None else None
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
-        snapshot = {}
+        snapshot = {} if norm is None else {"clip_norm": norm}
         for i, param in enumerate(params):
             snapshot[f"param{i}"] = param.detach().clone()
             for key, value in opt.state[param].items():
@@ -103,7 +106,7 @@ def run(backend, managed, plain, *, variant="dense", masked="grad", dtype=torch.
 
 def assert_matches_reference(backend, device="cpu", **case):
     """Run `case` with `backend` and with backend="torch" and compare every step:
-    masks and scores exactly, floats to 1e-6 relative (fp32) or 1 ulp (bf16/fp16)."""
+    masks, scores and clip norms exactly, floats to 1e-6 relative (fp32) or 1 ulp (bf16/fp16)."""
     expected = run("torch", device=device, **case)
     actual = run(backend, device=device, **case)
     dtype = case.get("dtype", torch.float32)
@@ -111,7 +114,7 @@ def assert_matches_reference(backend, device="cpu", **case):
         assert want.keys() == got.keys(), f"step {step}: state keys differ"
         for name, value in want.items():
             message = f"{backend} vs torch, step {step}, {name}"
-            if name.endswith((".mask", ".score", ".mix_count")) or not value.is_floating_point():
+            if name.endswith((".mask", ".score", ".mix_count", "clip_norm")) or not value.is_floating_point():
                 assert torch.equal(got[name].cpu(), value.cpu()), message
             elif value.dtype == torch.float32:
                 torch.testing.assert_close(got[name].cpu(), value.cpu(), rtol=1e-6, atol=1e-6, msg=message)

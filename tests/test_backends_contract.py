@@ -12,8 +12,9 @@ from dps_fast.backends import contract
 
 MODULES = {"torch": "reference", "cpu": "cpu", "cuda": "cuda", "triton": "triton_backend"}
 # Public helpers a backend may have besides the contract's functions.
-# the spec's AdamW step, which the kernels' comments cite; the fast backends' fallback
-HELPERS = {"torch": {"adamw_math", "update_some"}}
+# the spec's AdamW step, which the kernels' comments cite; the fast backends' fallback; the
+# rounding of the masked norms, which every backend applies to its float64 sums
+HELPERS = {"torch": {"adamw_math", "update_some", "norms_from_squares"}}
 
 
 def _backend(name):

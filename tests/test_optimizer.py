@@ -221,6 +221,30 @@ def test_clip_grad_norm_clips_the_masked_gradient_and_scores_the_raw_one():
     assert norm.item() == pytest.approx(math.sqrt(5 * 9))
 
 
+@pytest.mark.parametrize("backend", backends.available("cpu"))
+def test_clip_with_a_0_dim_param_beside_a_float64_one(backend):
+    """The clip factor is float64 when any gradient is: it must not promote a 0-dim fp32
+    gradient (a logit_scale). torch.optim.AdamW with torch.nn.utils.clip_grad_norm_ takes it."""
+    torch.manual_seed(0)
+    scale = nn.Parameter(torch.tensor(1.0))
+    weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    other_scale, other_weight = nn.Parameter(scale.detach().clone()), nn.Parameter(weight.detach().clone())
+    opt = DPSAdamW([scale, weight], lr=1e-2, sparsity=0.0, stage_steps=2, backend=backend)  # AdamW's steps
+    adamw = torch.optim.AdamW([other_scale, other_weight], lr=1e-2)
+    for step in range(4):  # explore 1-2, exploit 3-4 (masks keep everything: masked norms, AdamW's values)
+        for params, clip, optimizer in (((scale, weight), opt.clip_grad_norm_, opt),
+                                        ((other_scale, other_weight), lambda n: torch.nn.utils.clip_grad_norm_(
+                                            [other_scale, other_weight], n), adamw)):
+            optimizer.zero_grad()
+            torch.manual_seed(step)
+            (params[0] * 3 + (params[1] * torch.randn(3, 4, dtype=torch.float64)).sum()).backward()
+            clip(0.5)
+            optimizer.step()
+    assert scale.dtype == torch.float32 and opt.state[scale]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(scale, other_scale, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(weight, other_weight, rtol=1e-12, atol=1e-12)
+
+
 def test_clip_is_dropped_when_gradients_change_after_it():
     param = nn.Parameter(torch.zeros(4))
     opt = DPSAdamW([param], lr=0.1, weight_decay=0.0, stage_steps=5)

@@ -6,10 +6,10 @@ namespace dps {
 namespace cuda {
 namespace {
 
-// Per chunk: each thread sums (g * bit)^2 over its entries in fp32 (at most
-// kUpdateChunk / kThreads = 64 terms), the block adds the threads' sums in
-// double, and one atomic adds that to the tensor's total. An inf masked out
-// gives NaN, as grad * mask does.
+// Per chunk: each thread sums (g * bit)^2 over its entries in double (each
+// square exact, as in the reference), the block adds the threads' sums, and one
+// atomic adds that to the tensor's total. An inf masked out gives NaN, as
+// grad * mask does.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
     masked_norm_kernel(const NormArgs* __restrict__ tensors, const Chunk* __restrict__ chunks, int nchunks,
@@ -22,12 +22,11 @@ __global__ void __launch_bounds__(kThreads)
     const P* __restrict__ g = (const P*)a.g;
     const int64_t begin = (int64_t)chunk.index * kUpdateChunk;
     const int64_t end = min64(begin + kUpdateChunk, a.numel);
-    float sum = 0.0f;
+    double total = 0.0;
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-      const float x = load_value(g[i]) * (float)((a.mask[i >> 3] >> (i & 7)) & 1u);
-      sum = fmaf(x, x, sum);
+      const double x = (double)load_value(g[i]) * (double)((a.mask[i >> 3] >> (i & 7)) & 1u);
+      total = fma(x, x, total);
     }
-    double total = sum;
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_down_sync(0xffffffffu, total, offset);
     if (lane == 0) warp_sums[warp] = total;

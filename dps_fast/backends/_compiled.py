@@ -125,7 +125,7 @@ def masked_norms(launch, grads, masks, device):
     for dtype, indices in by_dtype.items():
         squares = launch(int(DTYPE_CODES[dtype]), [grads[i].data_ptr() for i in indices],
                          [masks[i].data_ptr() for i in indices], [grads[i].numel() for i in indices])
-        for i, norm in zip(indices, torch.as_tensor(squares, dtype=torch.float64).sqrt().float()):
+        for i, norm in zip(indices, reference.norms_from_squares(torch.as_tensor(squares, dtype=torch.float64), dtype)):
             norms[i] = norm
     return torch.stack(norms)
 

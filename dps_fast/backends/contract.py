@@ -61,7 +61,8 @@ class Backend(Protocol):
         """Per-tensor top-k masks, ties kept, packed as dps_fast.selection.pack_mask does."""
 
     def masked_norms(self, grads: List[torch.Tensor], masks: List[torch.Tensor]) -> torch.Tensor:
-        """The L2 norm of each grad * its packed mask, a 1-D fp32 tensor (for clip_grad_norm_)."""
+        """The L2 norm of each grad * its packed mask, a 1-D float64 tensor (for clip_grad_norm_): squares
+        summed in float64, the root rounded to the gradient's dtype (reference.masked_norms)."""
 
 
 FUNCTIONS = ("unavailable_reason", "update", "select_masks", "masked_norms")

@@ -75,7 +75,7 @@ def masked_norms(grads, masks):
     """reference.masked_norms's contract on the CUDA tensors of one device: one
     pass over each gradient and its mask bits."""
     if not grads:
-        return torch.empty(0)
+        return torch.empty(0, dtype=torch.float64)
     device = grads[0].device
     index, stream = _place(device)
 

@@ -57,8 +57,8 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
                 scores[i].copy_(grad * grad)
             else:
                 scores[i].addcmul_(grad, grad)
-        if grad_coef is not None:
-            grad = grad * grad_coef
+        if grad_coef is not None:  # in the compute dtype: a float64 clip factor must not promote a 0-dim grad
+            grad = grad * grad_coef.to(compute)
         mask = None if masks is None else selection.unpack_mask(masks[i], param.shape)
         if mask is not None and not freeze:
             grad = grad * mask
@@ -85,10 +85,18 @@ def update_some(indices, params, grads, exp_avgs, exp_avg_sqs, steps, *, scores=
 
 
 def masked_norms(grads, masks):
-    """1-D fp32 tensor: the L2 norm of each grad * its (packed) mask, as
-    torch.nn.utils.clip_grad_norm_ computes it (in the gradient's dtype)."""
-    return torch.stack([torch.linalg.vector_norm(grad * selection.unpack_mask(bits, grad.shape)).float()
-                        for grad, bits in zip(grads, masks)])
+    """1-D float64 tensor: the L2 norm of each grad * its (packed) mask, the squares
+    summed in float64 (each one exact for gradients up to fp32) and the root rounded to
+    the gradient's dtype, as torch.nn.utils.clip_grad_norm_'s norm of that gradient is
+    (float64 holds each value exactly). Every backend gives these values to the bit
+    (an inf masked out gives NaN)."""
+    return torch.stack([norms_from_squares((grad.double() * selection.unpack_mask(bits, grad.shape)).square().sum(),
+                                           grad.dtype) for grad, bits in zip(grads, masks)])
+
+
+def norms_from_squares(squared_sums, dtype):
+    """masked_norms' values from float64 sums of squares of gradients of `dtype`."""
+    return squared_sums.sqrt().to(dtype).double()
 
 
 def select_masks(scores, sparsity):
