@@ -9,8 +9,9 @@ achieved bandwidth as % of the copy bandwidth measured in the same run.
 Targets: explore and exploit steps at >= 80% of copy bandwidth; the
 selection over all the weights in under 2 fused-AdamW steps (at BERT-large size).
 """
-import json
 import sys
+
+from dps_fast.bench.report import load_result
 
 PHASES = [("step", "explore"), ("step", "exploit"), ("step", "exploit freeze"), ("boundary", "select")]
 
@@ -25,8 +26,7 @@ def _cell(row):
 
 
 def table(path):
-    with open(path) as file:
-        result = json.load(file)
+    result = load_result(path)  # checked: a malformed file is one line below, not a traceback
     lines = []
     for key, info in result["devices"].items():
         if not key.startswith("cuda"):
@@ -55,8 +55,8 @@ def main():
     for path in sys.argv[1:]:
         try:
             lines += table(path) + [""]
-        except (OSError, ValueError, KeyError) as error:
-            lines.append(f"{path}: no bench table ({type(error).__name__}: {error})")
+        except ValueError as error:  # saved.SavedFileError
+            lines.append(f"{path}: no bench table ({error})")
     lines.append("targets: explore, exploit >= 80% of copy; select at BERT-large size < 2.00x (2 fused steps)")
     print("\n".join(lines))
 

@@ -184,3 +184,28 @@ def test_bad_options_are_usage_errors(argv, flag, tmp_path, saved, capsys, monke
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "usage: " in err and flag in err, err
+
+
+_META = dict(date="2026-12-08", torch="2.13.0")
+_ROW = dict(device="cpu", section="step", method="AdamW fused", phase="explore", backend=None)
+# name: the content of a --from-json file that is not a bench result, and the words the error must contain
+MALFORMED = {
+    "meta and devices not objects": (dict(meta=1, devices=2, rows={}), "meta must be an object"),
+    "rows not a list": (dict(meta=_META, devices={}, rows={}), "rows must be a list"),
+    "device without its fields": (dict(meta=_META, devices={"cpu": {"name": "x"}}, rows=[]),
+                                  "devices['cpu'] has no 'error'; or devices['cpu'] has no 'copy_gbps'"),
+    "row without its timings": (dict(meta=_META, devices={}, rows=[_ROW]), "rows[0] has no 'median_s'"),
+    "timing of the wrong type": (dict(meta=_META, devices={}, rows=[dict(_ROW, error=None)]),
+                                 "rows[0]['error'] must be a string; got null"),
+}
+
+
+@pytest.mark.parametrize("content,words", MALFORMED.values(), ids=MALFORMED)
+def test_from_json_checks_the_content(content, words, tmp_path, capsys):
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--from-json", str(path)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --from-json: {path} is not a dps-fast bench result" in err and words in err, err

@@ -192,3 +192,44 @@ def test_cli_out_of_domain(tmp_path, capsys):
     (run,) = json.loads(path.read_text())["runs"]
     assert sorted(run["ood"]) == ["amazon", "tweets"]
     assert all(0 <= r["accuracy"] <= 1 and 0.5 <= r["majority"] <= 1 for r in run["ood"].values())
+
+
+_RUN = dict(task="trec", train_size=16, method="adamw", seed=0, lr=1e-3, steps=2, dev_accuracy=0.5, seconds=1.0)
+
+
+@pytest.mark.parametrize("content,words", [
+    (dict(runs=[1, 2]), "runs[0] must be an object; got an integer"),
+    (dict(runs=[dict(task="trec")]), "runs[0] has no 'train_size'"),
+    (dict(runs=[dict(_RUN, curve=[[1]])]), "runs[0]['curve'][0] must have 2 items"),
+    (dict(runs=[{k: v for k, v in _RUN.items() if k != "lr"}]), "runs[0] has no 'lr', and the file no recipe"),
+    ([_RUN], "the file must be an object; got a list"),
+], ids=["runs-not-objects", "run-without-fields", "bad-curve", "no-lr", "not-an-object"])
+def test_load_checks_the_content(content, words, tmp_path, no_training, capsys):
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(content))
+    err = _usage_error(["--load", str(path)], capsys)
+    assert f"argument --load: {path}" in err and words in err, err
+
+
+def test_json_is_written_atomically(tmp_path, monkeypatch, capsys):
+    """Each rewrite of --json goes through a temporary file: a write that fails keeps the
+    last complete file."""
+    _bundled_or_skip()
+    import dps_fast.finetune.study as study
+    import dps_fast.saved as saved
+    from dps_fast.cli import main
+
+    def fake_study(*args, on_run, **kwargs):
+        on_run([_RUN])
+        monkeypatch.setattr(saved.json, "dump", lambda data, file, **kw: (file.write('{"runs": ['),
+                                                                         1 / 0))  # half written, then fails
+        on_run([_RUN, _RUN])
+        return [_RUN, _RUN]
+
+    monkeypatch.setattr(study, "run_study", fake_study)
+    path = tmp_path / "runs.json"
+    with pytest.raises(ZeroDivisionError):
+        main(["finetune", "--method", "adamw", "--train-size", "16", "--steps", "2", "--no-progress", "--json",
+              str(path)])
+    assert json.loads(path.read_text())["runs"] == [_RUN]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.json"]

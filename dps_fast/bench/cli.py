@@ -4,14 +4,15 @@ Every option is checked before anything runs: a bad value, or options that
 contradict each other, is an argparse usage error (exit 2) that names the
 option."""
 import argparse
-import json
+import functools
 import os
 
 import torch
 
 from .. import arguments, backends
+from ..saved import SavedFileError, write_json
 from .cases import SECTION_TITLES
-from .report import format_table, plot
+from .report import format_table, load_result, plot
 from .runner import run_bench
 from .weights import DEFAULT_SCALE, TrainConfig, weight_set_params
 
@@ -58,17 +59,11 @@ def _train_config(text):
 
 
 def _saved_result(text):
-    """An argparse type: a result that --json wrote, loaded."""
+    """An argparse type: a result that --json wrote, loaded and checked."""
     try:
-        with open(text) as file:
-            result = json.load(file)
-    except (OSError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"cannot read {text}: {error}")
-    missing = [key for key in ("meta", "devices", "rows") if not isinstance(result, dict) or key not in result]
-    if missing:
-        raise argparse.ArgumentTypeError(f"{text} is not a dps-fast bench result (no {', '.join(missing)})")
-    result.setdefault("sweep", [])
-    return result
+        return load_result(text)
+    except SavedFileError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_arguments(parser):
@@ -143,19 +138,6 @@ def _memory_bytes(device):
         return None
 
 
-class _JsonWriter:
-    """Writes the result to `path` (through a temporary file: never half a JSON)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, result):
-        partial = f"{self.path}.partial"
-        with open(partial, "w") as file:
-            json.dump(result, file, indent=1)
-        os.replace(partial, self.path)
-
-
 def run(args):
     devices = _check(args)
     if args.threads is not None:
@@ -166,7 +148,7 @@ def run(args):
         timing = dict(min_reps=args.min_reps, max_reps=args.max_reps, seconds=args.seconds, warmup=args.warmup)
         result = run_bench(devices, args.scale, args.backends, tuple(args.sections), timing, args.train,
                            sweep=bool(args.plot), progress=False if args.no_progress else None,
-                           on_row=_JsonWriter(args.json) if args.json else None)
+                           on_row=functools.partial(write_json, args.json) if args.json else None)
     print(format_table(result), flush=True)
     if args.json and args.from_json is None:
         print(f"wrote {args.json}")

@@ -3,8 +3,31 @@ headline ratios and notes, and the time-vs-size plot, from a result dict
 (runner.run_bench's, or a saved --json)."""
 import textwrap
 
+from .. import saved
+from ..saved import NUMBER, ListOf, MappingOf, OneOf, Record
 from . import bytes_model
 from .cases import SECTION_TITLES
+
+# What the report and the plot read of a result (runner.run_bench's, or a --json file).
+_ROW = dict(device=str, section=str, method=str, phase=str, backend=(str, None))
+_TIMED = dict(median_s=NUMBER, min_s=NUMBER, max_s=NUMBER, params_per_s=NUMBER, params=NUMBER)
+ROW = OneOf(Record({**_ROW, "error": str}),
+            Record({**_ROW, **_TIMED}, dict(gbps=NUMBER, pct_copy=NUMBER, vs_fused=NUMBER,
+                                            state_bytes_per_param=(NUMBER, None))))
+DEVICE = OneOf(Record(dict(name=str, error=str)),
+               Record(dict(name=str, copy_gbps=NUMBER, weight_set=str, params=NUMBER, managed=NUMBER,
+                           train_config=str),
+                      dict(threads=(int, None), add_gbps=NUMBER, unavailable=MappingOf((str, None)))))
+RESULT = Record(dict(meta=Record(dict(date=str, torch=str), dict(busy_cpus=NUMBER, finished=bool)),
+                     devices=MappingOf(DEVICE), rows=ListOf(ROW)),
+                dict(sweep=ListOf(ROW)))
+
+
+def load_result(path):
+    """A saved --json result, checked (saved.SavedFileError otherwise)."""
+    result = saved.read_json(path, RESULT, "a dps-fast bench result (bench --json)")
+    result.setdefault("sweep", [])
+    return result
 
 
 def _fmt_time(seconds):

@@ -12,6 +12,7 @@ from .. import arguments
 from ..arguments import number
 from ..baselines import METHODS
 from ..data import OOD, OOD_TASK, TASKS
+from ..saved import SavedFileError, write_json
 from .recipe import Recipe
 from .report import DEGENERATE_MARGIN, load_runs, report
 
@@ -142,16 +143,10 @@ def check(args):
     if args.load:
         if args.json:
             error("argument --json: --load does not train; it only tabulates (and --plot draws) saved runs")
-        for path in args.load:
-            try:
-                with open(path) as f:
-                    runs = json.load(f)["runs"]
-                if not isinstance(runs, list):
-                    raise TypeError
-            except OSError as failure:
-                error(f"argument --load: cannot read {path!r} ({failure.strerror or failure})")
-            except (ValueError, KeyError, TypeError):
-                error(f"argument --load: {path!r} is not a file written by --json")
+        try:
+            args.loaded_runs = load_runs(args.load)  # read once, here: run() tabulates these
+        except SavedFileError as failure:
+            error(f"argument --load: {failure}")
         return [], None
     if args.first_seed + args.seeds > 2 ** 63:
         error("argument --first-seed: the seeds must stay below 2**63")
@@ -229,7 +224,7 @@ def _describe(recipes, device, threads):
 def run(args):
     recipes, device = check(args)
     if args.load:
-        runs = load_runs(args.load)
+        runs = args.loaded_runs
     else:
         import torch
 
@@ -244,9 +239,7 @@ def run(args):
 
         def save(runs):
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({**header, "wall_seconds": round(time.perf_counter() - start), "runs": runs}, f,
-                              indent=1)
+                write_json(args.json, {**header, "wall_seconds": round(time.perf_counter() - start), "runs": runs})
 
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         runs = run_study(args.task, args.train_size, args.method, seeds, recipes, device,

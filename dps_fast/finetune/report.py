@@ -9,24 +9,34 @@ A run is *degenerate* when its accuracy is below the majority-class rate of
 the evaluated set plus DEGENERATE_MARGIN points: it does no better than
 always answering the most frequent class.
 """
-import json
 import math
 import statistics
+
+from .. import saved
+from ..saved import NUMBER, ListOf, MappingOf, Record
 
 DEGENERATE_MARGIN = 2.0  # points of accuracy (%)
 REFERENCE = "adamw"  # what the paired differences are taken against
 
+# What the tables and the plot read of a run (recipe.train_run's result, or a --json file's).
+RUN = Record(dict(task=str, train_size=int, method=str, seed=int, steps=int, dev_accuracy=NUMBER, seconds=NUMBER),
+             dict(lr=NUMBER, majority=(NUMBER, None), curve=ListOf(ListOf(NUMBER, length=2)),
+                  ood=MappingOf(Record(dict(accuracy=NUMBER, majority=NUMBER)))))
+STUDY = Record(dict(runs=ListOf(RUN)), dict(recipe=Record({}, dict(lr=NUMBER))))
+
 
 def load_runs(paths):
-    """The runs of these --json files; runs of files written before runs
-    recorded their learning rate take it from the file's recipe."""
+    """The runs of these --json files, checked (saved.SavedFileError naming the file
+    and the field otherwise); runs of files written before runs recorded their
+    learning rate take it from the file's recipe."""
     runs = []
     for path in paths:
-        with open(path) as f:
-            saved = json.load(f)
-        for run in saved["runs"]:
+        study = saved.read_json(path, STUDY, "a dps-fast finetune result (finetune --json)")
+        for i, run in enumerate(study["runs"]):
             if "lr" not in run:
-                run["lr"] = saved["recipe"]["lr"]
+                if "lr" not in study.get("recipe", {}):
+                    raise saved.SavedFileError(f"{path}: runs[{i}] has no 'lr', and the file no recipe['lr']")
+                run["lr"] = study["recipe"]["lr"]
             runs.append(run)
     return runs
 
