@@ -405,9 +405,11 @@ class DPSAdamW(Optimizer):
             for param in params:
                 scaled.save_state(self.state, param, STEP_STATE)
         group["dps_step"] += 1
-        start, stage_steps = self._schedule(group)
-        stage = stage_start(group["dps_step"], stage_steps, start)
         phase = self.schedule_phase(group, group["dps_step"]) if group["dps"] else functional.PLAIN
+        stage = None  # named only where scores are kept: a plain group may have no stage length
+        if phase == EXPLORE:
+            start, stage_steps = self._schedule(group)
+            stage = stage_start(group["dps_step"], stage_steps, start)
         states = self._init_group(group, params, explore=phase == EXPLORE)
         if phase == EXPLORE and group["variant"] == "mix":
             mix.accumulate_counts(self, params, stage)

@@ -18,8 +18,10 @@ MASKED = ("grad", "freeze")
 def _real(value, name, where):
     """`value` as a float: a real number or a 1-element tensor (as torch accepts lr)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise ValueError(f"{where}{name} as a tensor must have 1 element; got shape {tuple(value.shape)}")
+        if value.numel() != 1:  # torch.optim's words first
+            raise ValueError(f"{where}Tensor {name} must be 1-element; got shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise ValueError(f"{where}{name} must be a real number; got a {value.dtype} tensor")
         return float(value)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ValueError(f"{where}{name} must be a real number; got {value!r}")
@@ -34,7 +36,7 @@ def check_group(group, backend, where=""):
             raise ValueError(f"{where}{name} must be a real number >= 0; got {group[name]!r}")
     betas = group["betas"]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(0 <= _real(b, "betas", where) < 1 for b in betas)):
+            or not all(0 <= _real(b, f"betas[{i}]", where) < 1 for i, b in enumerate(betas))):
         raise ValueError(f"{where}betas must be a pair of numbers in [0, 1); got {betas!r}")
     for name in ("maximize", "amsgrad", "capturable", "differentiable", "dps"):
         if not isinstance(group[name], bool):
@@ -134,8 +136,9 @@ def normalized_group(param_group, default_stage_ratio, default_total_steps=None,
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     named = [isinstance(p, tuple) for p in params]
     if any(named):
-        if not all(named) or any(len(p) != 2 for p in params):
-            raise ValueError("params must be all tensors or all (name, tensor) pairs")
+        if not all(named) or any(len(p) != 2 for p in params):  # torch.optim's words first
+            raise ValueError("all optimizer params should be with/without names. Some param names are missing: "
+                             "params must be all tensors or all (name, tensor) pairs")
         group["param_names"] = [name for name, _ in params]
         params = [tensor for _, tensor in params]
     check_params(params)

@@ -282,7 +282,7 @@ def _param():
     (dict(betas=(-0.1, 0.9)), ValueError, "betas"),
     (dict(betas=(0.9,)), ValueError, "betas"),
     (dict(betas=(torch.tensor(0.9), 1.0)), ValueError, "betas"),
-    (dict(lr=torch.tensor([1e-3, 2e-3])), ValueError, "lr as a tensor must have 1 element"),
+    (dict(lr=torch.tensor([1e-3, 2e-3])), ValueError, "Tensor lr must be 1-element"),
     (dict(lr=torch.tensor(-1.0)), ValueError, "lr must be a real number >= 0"),
     (dict(amsgrad=True), ValueError, "amsgrad=True is not supported by DPSAdamW: .*torch.optim.AdamW"),
     (dict(capturable=True), ValueError, "capturable=True is not supported by DPSAdamW: .*CUDA graph"),
@@ -366,6 +366,39 @@ def test_named_parameters_are_accepted_and_saved():
         DPSAdamW([("weight", model.weight), model.bias], stage_steps=2)
 
 
+@pytest.mark.parametrize("make", [
+    lambda optimizer, a, b: optimizer([a], lr=torch.tensor([1e-3, 2e-3])),
+    lambda optimizer, a, b: optimizer([("a", a), b]),
+    lambda optimizer, a, b: optimizer([{"params": [("a", a)]}, {"params": [b]}]),
+], ids=["tensor-lr", "named-and-unnamed", "named-and-unnamed-groups"])
+def test_torch_words_for_the_same_mistakes(make):
+    """Code and tests written for torch.optim match its messages: ours start with them."""
+    a, b = _param(), _param()
+    with pytest.raises(ValueError) as theirs:
+        make(torch.optim.AdamW, a, b)
+    with pytest.raises(ValueError) as ours:
+        make(lambda *args, **kwargs: DPSAdamW(*args, stage_steps=2, **kwargs), a, b)
+    assert str(ours.value).startswith(str(theirs.value)), (str(ours.value), str(theirs.value))
+
+
+def test_state_entries_that_are_not_parameters_are_kept():
+    """opt.state["extra"] = 1, as torch.optim.AdamW steps and saves it."""
+    model = tiny_model()
+    for variant in ("dense", "mix"):
+        opt = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2, variant=variant)
+        handle = opt.attach_mix(model) if variant == "mix" else None
+        opt.state["extra"] = 1
+        for step in range(3):
+            train_step(model, opt, step)
+        saved = opt.state_dict()
+        assert saved["state"]["extra"] == 1
+        again = DPSAdamW(param_groups(model), lr=1e-3, stage_steps=2, variant=variant)
+        again.load_state_dict(saved)
+        assert again.state["extra"] == 1
+        if handle is not None:
+            handle.remove()
+
+
 def test_fused_and_foreach_choose_between_kernel_and_loop():
     param = _param()
     assert DPSAdamW([param], stage_steps=2, fused=False)._backend_for("cpu", {"fused": False, "foreach": None}) \
@@ -381,9 +414,25 @@ def test_stage_length_given_in_a_group_only():
     managed, plain = _param(), _param()
     opt = DPSAdamW([{"params": [managed], "stage_steps": 3}, {"params": [plain], "dps": False}])
     assert opt.param_groups[0]["stage_steps"] == 3 and opt.param_groups[1]["stage_steps"] is None
+    for param in (managed, plain):
+        param.grad = torch.ones(3)
+    opt.clip_grad_norm_(1.0)
+    opt.step()  # the plain group, which has no stage length, steps as AdamW
+    assert opt.state[plain]["step"] == 1 and "score" not in opt.state[plain]
     assert DPSAdamW([{"params": [managed], "total_steps": 100}]).param_groups[0]["stage_steps"] == 5
     with pytest.raises(ValueError, match="param group 1: stage length missing"):
         DPSAdamW([{"params": [plain], "dps": False}, {"params": [managed]}])
+
+
+def test_an_optimizer_of_plain_groups_needs_no_stage_length():
+    param, other = _param(), _param()
+    opt = DPSAdamW([{"params": [param], "dps": False}], lr=1e-2, backend="torch")
+    adamw = torch.optim.AdamW([other], lr=1e-2)
+    for step in range(3):
+        param.grad, other.grad = torch.full((3,), step + 1.0), torch.full((3,), step + 1.0)
+        opt.step()
+        adamw.step()
+    assert opt.param_groups[0]["dps_step"] == 3 and torch.equal(param, other)
 
 
 def test_a_group_stage_ratio_applies_to_the_optimizers_total_steps():
