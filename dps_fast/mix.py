@@ -82,9 +82,7 @@ def effective_tensor(optimizer, param):
         keep = torch.empty(mix_count_shape(param), dtype=param.dtype, device=param.device).bernoulli_(1 - sparsity)
         return _Mix.apply(param, state["mix_init"], keep, sparsity, state, True)
     stage = optimizer.upcoming(group).stage
-    if state.get("snapshot_stage") != stage:
-        state["mix_snapshot"] = param.detach().clone()
-        state["snapshot_stage"] = stage
+    take_snapshots(optimizer, [param], stage)
     optimizer.make_masks(group, [param], stage)
     bits = optimizer.stage_mask(param, stage)
     if bits is None:  # not scored in the stage before: update densely, like the optimizer does
@@ -94,20 +92,39 @@ def effective_tensor(optimizer, param):
     return _Mix.apply(param, state["mix_snapshot"], keep, sparsity, state, False)
 
 
+def take_snapshots(optimizer, params, stage):
+    """The exploitation target of `params` for `stage`: W as the stage begins (taken by
+    the first mixed forward of the stage, or by the stage's first step() for a tensor
+    no forward used before it: both before any update of the stage)."""
+    for param in params:
+        state = optimizer.state[param]
+        if state.get("snapshot_stage") != stage:
+            state["mix_snapshot"] = param.detach().clone()
+            state["snapshot_stage"] = stage
+
+
 # The modules DPS-Mix can mix, and the tensors of each whose forward it replaces.
 # nn.MultiheadAttention computes with its out_proj's weight and bias without calling
 # out_proj.forward, so its wrapper mixes those too (and out_proj is not wrapped alone).
+_MIXED_NAMES = {nn.MultiheadAttention: ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+                                        "v_proj_weight", "out_proj.weight", "out_proj.bias"),
+                nn.Linear: ("weight", "bias")}
+
+
 def _mixed_tensors(module):
-    """{name: tensor} of the tensors `module`'s mixed forward computes with (None if
-    DPS-Mix cannot mix `module`)."""
-    if isinstance(module, nn.MultiheadAttention):
-        names = ["in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                 "out_proj.weight", "out_proj.bias"]
-        tensors = {name: module.get_parameter(name) if "." in name else getattr(module, name) for name in names}
-        return {name: t for name, t in tensors.items() if t is not None}
-    if isinstance(module, nn.Linear):
-        return {name: t for name, t in (("weight", module.weight), ("bias", module.bias)) if t is not None}
-    return None
+    """{name: parameter} of the parameters `module`'s mixed forward computes with (None if
+    DPS-Mix cannot mix `module`). A tensor that is not a registered parameter (a
+    parametrized weight, computed from its originals) is not among them."""
+    kind = next((kind for kind in _MIXED_NAMES if isinstance(module, kind)), None)
+    if kind is None:
+        return None
+    tensors = {}
+    for name in _MIXED_NAMES[kind]:
+        owner_name, _, leaf = name.rpartition(".")
+        tensor = module.get_submodule(owner_name)._parameters.get(leaf)
+        if tensor is not None:
+            tensors[name] = tensor
+    return tensors
 
 
 @contextlib.contextmanager
@@ -146,6 +163,13 @@ def _mixing(module):
     return forward if isinstance(forward, functools.partial) and forward.func is _mixed_forward else None
 
 
+def _unmix(module):
+    """Give `module` back the forward it had before it was mixed."""
+    previous = module.__dict__.pop("forward").args[2]
+    if previous is not None:
+        module.forward = previous
+
+
 class MixHandle:
     """Returned by attach(); remove() gives the modules back the forward they had."""
 
@@ -160,10 +184,7 @@ class MixHandle:
                 warnings.warn(f"{type(module).__name__}'s forward was replaced after attach_mix; that "
                               "replacement is left as it is (and may still mix)", stacklevel=2)
                 continue
-            del module.__dict__["forward"]
-            previous = mixing.args[2]
-            if previous is not None:
-                module.forward = previous
+            _unmix(module)
         self.modules = []
         if self in self.optimizer._mix_handles:
             self.optimizer._mix_handles.remove(self)
@@ -215,15 +236,20 @@ def attach(optimizer, model):
     return handle
 
 
+def mixes(optimizer, model):
+    """Whether `optimizer`'s mixing is on a module of `model`."""
+    return any((m := _mixing(module)) is not None and m.args[0] is optimizer for module in model.modules())
+
+
 def detach(model):
-    """Remove the DPS-Mix mixing of every module of `model`, whichever optimizer attached it."""
+    """Remove the DPS-Mix mixing of every module of `model`, whichever optimizer attached
+    it (a copy of a mixed model included, whose optimizer copy holds no handle)."""
     for module in model.modules():
         mixing = _mixing(module)
         if mixing is not None:
-            owner = mixing.args[0]
-            for handle in list(owner._mix_handles):
-                if any(m is module for m in handle.modules):
-                    handle.remove()
+            _unmix(module)
+            for handle in mixing.args[0]._mix_handles:
+                handle.modules = [m for m in handle.modules if m is not module]
 
 
 def check_mixed(optimizer, params):
@@ -234,7 +260,8 @@ def check_mixed(optimizer, params):
     unmixed = [p for p in params if "mix_calls" not in optimizer.state.get(p, {})]
     if not unmixed:
         return
-    nonzero = torch.stack([p.grad.ne(0).any() for p in unmixed]).tolist()  # one sync, on this rare path
+    # one device sync, in the steps that leave a tensor of a mix group unused (e.g. other heads)
+    nonzero = torch.stack([p.grad.ne(0).any() for p in unmixed]).tolist()
     for param, used in zip(unmixed, nonzero):
         if used:
             raise RuntimeError(f"a parameter of shape {tuple(param.shape)} is in a variant='mix' group but its "

@@ -400,6 +400,10 @@ class DPSAdamW(Optimizer):
     def _step_group(self, group, params, clip_coef, scaled=None):
         """Update `params` of `group`; `scaled` is the step's amp.ScaledStep, if any."""
         masks = self._next_masks(group, params)
+        if mix.is_mixed(group):  # the exploitation targets of tensors no forward of the stage used yet
+            upcoming = self.upcoming(group)
+            if upcoming.phase != EXPLORE:
+                mix.take_snapshots(self, group["params"], upcoming.stage)
         if scaled is not None:
             scaled.save_group(group, "dps_step")
             for param in params:

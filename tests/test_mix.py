@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dps_fast import DPSAdamW, param_groups
+from dps_fast import DPSAdamW, mix, param_groups
 from training import batch, tiny_model
 
 
@@ -269,6 +269,50 @@ def test_detach_mix_restores_every_module_and_a_new_optimizer_attaches():
         first.detach_mix()
         assert torch.equal(model(x), plain)  # training mode, no mixing left
     DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix").attach_mix(model)
+
+
+def test_a_head_unused_when_a_stage_begins_targets_w_as_it_began():
+    """The exploitation target is W at the stage's first step, also for a tensor that the
+    first forward of the stage does not use (its snapshot is then taken by step())."""
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix")
+    opt.attach_mix(model)
+    x = torch.randn(3, 4)
+    for step in range(4):  # exploitation starts at step 3, which uses head b only
+        if step == 2:
+            at_stage_start = model.a.weight.detach().clone()
+        opt.zero_grad(set_to_none=False)
+        model(x, step).sum().backward()
+        opt.step()
+    state = opt.state[model.a.weight]
+    assert state["snapshot_stage"] == 3 and torch.equal(state["mix_snapshot"], at_stage_start)
+
+
+def test_a_parametrized_weight_beside_a_mixed_bias():
+    """Only registered parameters are swapped for their mixed tensors: a Linear whose
+    weight is parametrized mixes its bias and computes its weight as usual."""
+    torch.manual_seed(0)
+    linear = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4))
+    model = nn.Sequential(linear)
+    opt = DPSAdamW([{"params": [linear.bias], "variant": "mix"},
+                    {"params": [linear.parametrizations.weight.original], "dps": False}], lr=1e-2, stage_steps=2)
+    opt.attach_mix(model)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    assert opt.state[linear.bias]["step"] == 3
+
+
+def test_a_copy_of_a_mixed_model_is_detached():
+    """mix.detach works on a deepcopy of a mixed model (whose optimizer copy holds no handle)."""
+    model = _mlp()
+    DPSAdamW(param_groups(model), lr=1e-2, stage_steps=2, variant="mix").attach_mix(model)
+    copied = copy.deepcopy(model)
+    mix.detach(copied)
+    assert not any("forward" in m.__dict__ for m in copied.modules())
+    DPSAdamW(param_groups(copied), lr=1e-2, stage_steps=2, variant="mix").attach_mix(copied)
 
 
 def test_a_parametrized_weight_is_refused_by_name():
