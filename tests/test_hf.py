@@ -189,3 +189,21 @@ def test_a_mix_trainers_mixing_ends_with_its_train(tmp_path):
     assert second.dps_optimizer.param_groups[0]["dps_step"] == 4 and train_mode_forwards_agree()
     first.train()  # its optimizer again: attached for the run, detached after
     assert first.dps_optimizer.param_groups[0]["dps_step"] == 8 and train_mode_forwards_agree()
+
+
+def test_an_optimizer_made_before_train_and_a_users_own_one(tmp_path):
+    """An optimizer created (and attached) before train() is not attached twice; a user's
+    own optimizer (not a DPSAdamW) with max_grad_norm=0 trains as with a plain Trainer."""
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    trainer = DPSTrainer(model=_Classifier(), args=args, train_dataset=_tiny_data(),
+                         dps_kwargs=dict(stage_steps=2, variant="mix"))
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    trainer.train()
+    assert trainer.dps_optimizer.param_groups[0]["dps_step"] == 4
+    model = _Classifier()
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, report_to=[],
+                             save_strategy="no", use_cpu=True, max_grad_norm=0.0)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    DPSTrainer(model=model, args=args, train_dataset=_tiny_data(), optimizers=(adamw, None)).train()
+    assert adamw.state[next(model.parameters())]["step"] == 4

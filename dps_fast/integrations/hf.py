@@ -48,6 +48,7 @@ import copy
 
 from transformers import Trainer, TrainerCallback
 
+from .. import mix
 from ..amp import unscale_once
 from ..groups import param_groups
 from ..optimizer import DPSAdamW
@@ -70,6 +71,14 @@ def create_dps_optimizer(model, args, num_training_steps, **dps_kwargs):
     if dps_kwargs.get("variant") == "mix":
         optimizer.attach_mix(model)
     return optimizer
+
+
+def _dps_of(optimizer):
+    """The DPSAdamW inside `optimizer`, or None (no optimizer yet, or another one)."""
+    try:
+        return None if optimizer is None else unwrap_optimizer(optimizer)[0]
+    except TypeError:
+        return None
 
 
 def unwrap_optimizer(optimizer):
@@ -124,15 +133,17 @@ class DPSTrainer(Trainer):
             self.add_callback(MaskedClipCallback(clip))
 
     def train(self, *args, **kwargs):
-        """Trainer.train; for variant="mix" the model is mixed only while it runs."""
-        optimizer = self.dps_optimizer  # None the first time: create_optimizer attaches it
-        if optimizer is not None and self.dps_kwargs.get("variant") == "mix":
-            optimizer.attach_mix(self.model)
+        """Trainer.train; a DPS-Mix model is mixed only while it runs (attached by
+        create_optimizer the first time, again by a later train(), removed at the end)."""
+        before = _dps_of(self.optimizer)
+        if before is not None and any(mix.is_mixed(g) for g in before.param_groups) \
+                and not mix.mixes(before, self.model):
+            before.attach_mix(self.model)
         try:
             return super().train(*args, **kwargs)
-        finally:
-            if self.optimizer is not None:
-                self.dps_optimizer.detach_mix()
+        finally:  # the optimizer it started with and the one it ended with (model_init makes a new one)
+            for optimizer in {id(o): o for o in (before, _dps_of(self.optimizer)) if o is not None}.values():
+                optimizer.detach_mix()
 
     @property
     def dps_optimizer(self):

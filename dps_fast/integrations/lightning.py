@@ -21,7 +21,10 @@ Two things differ from a plain AdamW in Lightning, and this module does both.
   `stage_steps=` (or `total_steps=`) to set T yourself. A variant="mix"
   optimizer is attached to the module for DPS-Mix mixing; the mixin's
   `on_fit_end` detaches it, so that after `fit` the module computes with its
-  own weights in training mode too.
+  own weights in training mode too. (Lightning calls no module hook when
+  `fit` raises: the mixing then stays until `opt.detach_mix()` or the next
+  create_dps_optimizer, which removes any mixing left on the model; without
+  the mixin, call `opt.detach_mix()` yourself.)
 - Gradient clipping. Lightning clips with `torch.nn.utils.clip_grad_norm_`,
   which sees the unmasked gradients in exploitation stages: at precision
   32 it silently clips the wrong norm, and under "bf16-mixed"/"16-mixed" it
