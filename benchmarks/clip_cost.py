@@ -9,7 +9,7 @@ Rows, each the total norm the clip needs:
 - torch.nn.utils.get_total_norm of the raw gradients (what AdamW's clip
   costs: the floor);
 - the same of grad * unpacked mask (clip_grad_norm_ before the masked-norm
-  kernel, and still the torch backend's way);
+  kernel; the torch backend now takes the same norm in float64, to round as the kernels do);
 - DPSAdamW(backend="cpu").clip_grad_norm_ (one pass over each gradient and
   its mask bits in the compiled module).
 """

@@ -31,7 +31,8 @@ def clip_factor(entries, max_norm, norm_type=2.0, error_if_nonfinite=False):
         else:
             grads.append(param.grad * param_state.bool_mask(param, bits))
     for (backend, _, dtype), pairs in masked.items():  # the 2-norm of per-tensor 2-norms is the total 2-norm
-        grads.append(backend.masked_norms(*zip(*pairs)).to(dtype))
+        # one 0-dim norm per tensor, as torch's own per-gradient norms: stacked and promoted with them
+        grads.extend(backend.masked_norms(*zip(*pairs)).to(dtype).unbind())
     total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
     if distributed.is_dtensor(total_norm):  # sharded gradients: the norm over all shards
         total_norm = total_norm.full_tensor()

@@ -289,7 +289,7 @@ def _param():
     (dict(differentiable=True), ValueError, "differentiable=True is not supported by DPSAdamW"),
     (dict(maximize="yes"), TypeError, "maximize must be True or False"),
     (dict(fused="yes"), TypeError, "fused must be None, True or False"),
-    (dict(fused=True, foreach=True), ValueError, "`fused` and `foreach` cannot be `True` together"),
+    (dict(fused=True, foreach=True), RuntimeError, "`fused` and `foreach` cannot be `True` together"),
     (dict(fused=True, backend="torch"), ValueError, "fused=True / foreach=True .* backend='torch'"),
     (dict(foreach=False, backend="cpu"), ValueError, "fused=False / foreach=False .* not backend='cpu'"),
 ])
@@ -370,13 +370,21 @@ def test_named_parameters_are_accepted_and_saved():
     lambda optimizer, a, b: optimizer([a], lr=torch.tensor([1e-3, 2e-3])),
     lambda optimizer, a, b: optimizer([("a", a), b]),
     lambda optimizer, a, b: optimizer([{"params": [("a", a)]}, {"params": [b]}]),
-], ids=["tensor-lr", "named-and-unnamed", "named-and-unnamed-groups"])
+    lambda optimizer, a, b: optimizer([a], lr=-1.0),
+    lambda optimizer, a, b: optimizer([a], eps=-1e-8),
+    lambda optimizer, a, b: optimizer([a], weight_decay=-0.1),
+    lambda optimizer, a, b: optimizer([a], betas=(0.9, 1.0)),
+    lambda optimizer, a, b: optimizer([a], betas=(-0.1, 0.9)),
+    lambda optimizer, a, b: optimizer([a], fused=True, foreach=True),
+], ids=["tensor-lr", "named-and-unnamed", "named-and-unnamed-groups", "lr", "eps", "weight-decay", "beta1",
+        "beta0", "fused-and-foreach"])
 def test_torch_words_for_the_same_mistakes(make):
-    """Code and tests written for torch.optim match its messages: ours start with them."""
+    """Code and tests written for torch.optim match its messages and exception types:
+    ours start with its words (our explanation follows)."""
     a, b = _param(), _param()
-    with pytest.raises(ValueError) as theirs:
+    with pytest.raises(Exception) as theirs:
         make(torch.optim.AdamW, a, b)
-    with pytest.raises(ValueError) as ours:
+    with pytest.raises(theirs.type) as ours:
         make(lambda *args, **kwargs: DPSAdamW(*args, stage_steps=2, **kwargs), a, b)
     assert str(ours.value).startswith(str(theirs.value)), (str(ours.value), str(theirs.value))
 
@@ -493,3 +501,23 @@ def test_a_parameter_replaced_in_place_is_found():
     with pytest.raises(ValueError, match="not a parameter of this optimizer"):
         opt.mask(old)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_exploitation_clip_norms_take_torchs_dtypes(dtype):
+    """In exploitation the total norm is torch.nn.utils.get_total_norm of the masked
+    gradients and the other ones: each masked norm in its gradient's dtype, promoted
+    beside the others as torch promotes them (no overflow of a vector of fp16 norms)."""
+    torch.manual_seed(0)
+    managed = [nn.Parameter(torch.randn(s).to(dtype)) for s in [(64, 32), (32, 32), (16, 16)]]
+    plain, wide = nn.Parameter(torch.randn(50).to(dtype)), nn.Parameter(torch.randn(10))
+    opt = DPSAdamW([{"params": managed}, {"params": [plain, wide], "dps": False}], lr=1e-3, stage_steps=1,
+                   backend="torch")
+    for step in range(2):  # explore, exploit
+        scale = 1000.0 if dtype == torch.float16 else 1.0  # fp16: masked norms near 65504 each
+        for p in managed + [plain, wide]:
+            p.grad = (torch.randn(p.shape) * scale).to(p.dtype)
+        norm = opt.clip_grad_norm_(1.0)
+        applied = [p.grad * opt.mask(p) if step else p.grad for p in managed] + [plain.grad, wide.grad]
+        assert torch.isfinite(norm) and torch.equal(norm, torch.nn.utils.get_total_norm(applied))
+        opt.step()

@@ -90,13 +90,18 @@ def masked_norms(grads, masks):
     the gradient's dtype, as torch.nn.utils.clip_grad_norm_'s norm of that gradient is
     (float64 holds each value exactly). Every backend gives these values to the bit
     (an inf masked out gives NaN)."""
-    return torch.stack([norms_from_squares((grad.double() * selection.unpack_mask(bits, grad.shape)).square().sum(),
-                                           grad.dtype) for grad, bits in zip(grads, masks)])
+    return torch.stack([_rounded(torch.linalg.vector_norm(grad * selection.unpack_mask(bits, grad.shape),
+                                                          dtype=torch.float64), grad.dtype)
+                        for grad, bits in zip(grads, masks)])
 
 
 def norms_from_squares(squared_sums, dtype):
     """masked_norms' values from float64 sums of squares of gradients of `dtype`."""
-    return squared_sums.sqrt().to(dtype).double()
+    return _rounded(squared_sums.sqrt(), dtype)
+
+
+def _rounded(norms, dtype):
+    return norms.to(dtype).double()
 
 
 def select_masks(scores, sparsity):
