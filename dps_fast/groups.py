@@ -18,17 +18,23 @@ custom layer's or a convolution's, is left to plain AdamW with a warning that
 names it.
 
 A parametrized tensor (torch.nn.utils.parametrize: weight_norm, spectral_norm,
-orthogonal, ...) is computed from the parametrization's originals, which are
-the parameters; they take the rule of the tensor they make. Of a linear map's
-weight, DPS manages the original with the most entries (the weight itself for
-spectral_norm and orthogonal, the direction v for weight_norm); the others
-(weight_norm's magnitude g) are plain AdamW with decay, and named in the
-warning when they have two or more dimensions.
+orthogonal, ...; and the older hook-based torch.nn.utils.weight_norm and
+spectral_norm) is computed from originals, which are the parameters; they
+take the rule of the tensor they make. Of a linear map's weight, DPS manages
+the original with the most entries (the last of them on a tie: the weight
+itself for spectral_norm and orthogonal, the direction v for weight_norm);
+the others (weight_norm's magnitude g) are plain AdamW with decay, and named
+in the warning when they have two or more dimensions.
 """
 import warnings
 
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
+# The hook-based reparametrizations: the parameters each keeps in place of tensor `name`.
+_HOOK_ORIGINALS = {WeightNorm: ("_g", "_v"), SpectralNorm: ("_orig",)}
 
 
 def _is_norm(module):
@@ -37,11 +43,20 @@ def _is_norm(module):
         or "norm" in type(module).__name__.lower()
 
 
+def _made_tensors(module):
+    """The names of `module`'s tensors that are computed from originals (parametrized)."""
+    hooked = [hook.name for hook in module._forward_pre_hooks.values() if type(hook) in _HOOK_ORIGINALS]
+    return list(getattr(module, "parametrizations", {}).keys()) + hooked
+
+
 def _originals(module, name):
-    """The parameters behind `module.<name>`: the parametrization's originals if it is
+    """The parameters behind `module.<name>`: the originals it is computed from if it is
     parametrized (without computing it), else the tensor itself ([] if None)."""
     if parametrize.is_parametrized(module, name):
         return list(module.parametrizations[name].parameters(recurse=False))
+    for hook in module._forward_pre_hooks.values():
+        if type(hook) in _HOOK_ORIGINALS and hook.name == name:
+            return [getattr(module, name + suffix) for suffix in _HOOK_ORIGINALS[type(hook)]]
     tensor = getattr(module, name)
     return [] if tensor is None else [tensor]
 
@@ -50,6 +65,16 @@ def _own_parameters(module):
     """The parameters `module` holds directly, the originals of its parametrized tensors included."""
     originals = [p for plist in getattr(module, "parametrizations", {}).values() for p in plist.parameters(recurse=False)]
     return list(module.parameters(recurse=False)) + originals
+
+
+def _made_names(model):
+    """{id(original): the name of the tensor it makes}, for every parametrized tensor of `model`."""
+    made = {}
+    for prefix, module in model.named_modules():
+        for name in _made_tensors(module):
+            for original in _originals(module, name):
+                made[id(original)] = f"{prefix}.{name}" if prefix else name
+    return made
 
 
 def _linear_weights(module):
@@ -64,15 +89,8 @@ def _linear_weights(module):
     weights = []
     for originals in filter(None, (_originals(module, name) for name in names)):
         largest = max(p.numel() for p in originals)
-        weights += [p for p in originals if p.numel() == largest]
+        weights.append([p for p in originals if p.numel() == largest][-1])
     return weights
-
-
-def _made_name(name):
-    """The name of the tensor a parameter makes: `x.weight` for a parametrization's
-    original `x.parametrizations.weight.original0`, else the name itself."""
-    prefix, found, rest = name.rpartition("parametrizations.")
-    return prefix + rest.split(".")[0] if found else name
 
 
 def param_groups(model, weight_decay=0.01):
@@ -84,11 +102,12 @@ def param_groups(model, weight_decay=0.01):
     no_decay = {id(p) for m in model.modules() if _is_norm(m) for p in _own_parameters(m)}
     no_decay |= {id(t) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
                  for name in ("bias_k", "bias_v") for t in _originals(m, name)}
+    made_names = _made_names(model)
     managed, decayed, undecayed, unmanaged = [], [], [], []
     for name, param in model.named_parameters():  # shared tensors are listed once
         if not param.requires_grad:
             continue
-        made = _made_name(name)
+        made = made_names.get(id(param), name)
         if id(param) in linear:
             managed.append(param)
         elif id(param) in no_decay or made.endswith("bias"):

@@ -13,6 +13,7 @@ from .schedule import stage_steps_from
 
 VARIANTS = ("dense", "mix")
 MASKED = ("grad", "freeze")
+TORCH_NAMES = {"lr": "learning rate", "eps": "epsilon value", "weight_decay": "weight_decay value"}
 
 
 def _real(value, name, where):
@@ -31,13 +32,17 @@ def _real(value, name, where):
 def check_group(group, backend, where=""):
     """Raise ValueError/TypeError naming the first invalid setting of `group` (a param
     group with the defaults filled in); `where` prefixes the message (e.g. "param group 1: ")."""
-    for name in ("lr", "eps", "weight_decay"):
+    for name in ("lr", "eps", "weight_decay"):  # torch.optim's words first, here and below
         if not _real(group[name], name, where) >= 0:
-            raise ValueError(f"{where}{name} must be a real number >= 0; got {group[name]!r}")
+            raise ValueError(f"{where}Invalid {TORCH_NAMES[name]}: {group[name]}: {name} must be a real number "
+                             ">= 0")
     betas = group["betas"]
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(0 <= _real(b, f"betas[{i}]", where) < 1 for i, b in enumerate(betas))):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}betas must be a pair of numbers in [0, 1); got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0 <= _real(beta, f"betas[{i}]", where) < 1:
+            raise ValueError(f"{where}Invalid beta parameter at index {i}: {beta}: betas must be a pair of numbers "
+                             f"in [0, 1); got {betas!r}")
     for name in ("maximize", "amsgrad", "capturable", "differentiable", "dps"):
         if not isinstance(group[name], bool):
             raise TypeError(f"{where}{name} must be True or False; got {group[name]!r}")
@@ -47,8 +52,8 @@ def check_group(group, backend, where=""):
     for name, why in UNSUPPORTED.items():
         if group[name]:
             raise ValueError(f"{where}{name}=True is not supported by DPSAdamW: {why}")
-    if group["fused"] and group["foreach"]:
-        raise ValueError(f"{where}`fused` and `foreach` cannot be `True` together.")
+    if group["fused"] and group["foreach"]:  # a RuntimeError, as in torch.optim
+        raise RuntimeError(f"{where}`fused` and `foreach` cannot be `True` together.")
     kind = implementation(group)
     if kind == "fused" and backend == "torch":
         raise ValueError(f"{where}fused=True / foreach=True ask for a multi-tensor kernel, and backend='torch' is "

@@ -15,7 +15,7 @@ fields, `ListOf(spec)`, `MappingOf(spec)` (string keys), or `OneOf(*specs)`.
 import json
 import numbers
 import os
-import tempfile
+import shutil
 
 NUMBER = "number"  # int or float, not bool
 
@@ -51,15 +51,18 @@ class MappingOf:
 
 
 def write_json(path, data):
-    """Write `data` as JSON to `path` through a temporary file in the same folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, partial = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial", dir=folder)
+    """Write `data` as JSON to `path` through a temporary file in the same folder, with
+    the permissions a plain write gives (a new file's under the umask, or the old file's)."""
+    partial = f"{path}.{os.getpid()}.partial"
     try:
-        with os.fdopen(handle, "w") as file:
+        with open(partial, "w") as file:
             json.dump(data, file, indent=1)
+        if os.path.exists(path):
+            shutil.copymode(path, partial)
         os.replace(partial, path)
     except BaseException:
-        os.unlink(partial)
+        if os.path.exists(partial):
+            os.unlink(partial)
         raise
 
 

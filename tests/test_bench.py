@@ -195,8 +195,11 @@ MALFORMED = {
     "device without its fields": (dict(meta=_META, devices={"cpu": {"name": "x"}}, rows=[]),
                                   "devices['cpu'] has no 'error'; or devices['cpu'] has no 'copy_gbps'"),
     "row without its timings": (dict(meta=_META, devices={}, rows=[_ROW]), "rows[0] has no 'median_s'"),
-    "timing of the wrong type": (dict(meta=_META, devices={}, rows=[dict(_ROW, error=None)]),
-                                 "rows[0]['error'] must be a string; got null"),
+    "timing of the wrong type": (dict(meta=_META, devices={}, rows=[dict(_ROW, median_s="fast", min_s=1, max_s=1,
+                                                                          params_per_s=1, params=1)]),
+                                 "rows[0]['median_s'] must be a number; got a string"),
+    "error of the wrong type": (dict(meta=_META, devices={}, rows=[dict(_ROW, error=None)]),
+                                "rows[0]['error'] must be a string; got null"),
 }
 
 

@@ -233,3 +233,16 @@ def test_json_is_written_atomically(tmp_path, monkeypatch, capsys):
               str(path)])
     assert json.loads(path.read_text())["runs"] == [_RUN]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.json"]
+
+
+def test_json_files_have_a_plain_writes_permissions(tmp_path):
+    from dps_fast.saved import write_json
+
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    with open(tmp_path / "plain.json", "w"):
+        pass
+    write_json(new, {"runs": []})
+    old.write_text("{}")
+    old.chmod(0o640)
+    write_json(old, {"runs": []})
+    assert new.stat().st_mode == (tmp_path / "plain.json").stat().st_mode and old.stat().st_mode & 0o777 == 0o640

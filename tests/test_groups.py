@@ -136,3 +136,15 @@ def test_a_weight_normalised_model_trains_with_dps():
         model(x).pow(2).mean().backward()
         opt.step()
     assert opt.mask(direction) is not None and opt.mask(direction).float().mean() >= 0.7
+
+
+def test_hook_based_weight_norm_and_spectral_norm():
+    """The older torch.nn.utils.weight_norm / spectral_norm keep weight_g, weight_v /
+    weight_orig in place of the weight: v and weight_orig are managed, g is named."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates the hook-based weight_norm
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 4)), nn.utils.spectral_norm(nn.Linear(4, 4)))
+    managed, decayed, undecayed, caught = _names(model)
+    assert managed == ["0.weight_v", "1.weight_orig"] and decayed == ["0.weight_g"]
+    assert undecayed == ["0.bias", "1.bias"]
+    assert len(caught) == 1 and "0.weight_g" in caught[0]
