@@ -3,10 +3,14 @@ checks, converts and migrates what it is given (DPSAdamW's methods call these).
 
 A load builds the whole new state before anything changes, so a failed load
 leaves the optimizer as it was. Each entry goes through param_state.adopt
-(fits its parameter, or is converted to the form the kernels take: fp32
-moments and scores whatever the parameter's dtype, in its layout, a bool
-mask packed; or is a ValueError naming the parameter and the key) and
-param_state.check_complete. A torch.optim.AdamW group (one without
+(fits its parameter, or is converted to the form the kernels take: moments
+and scores in the current group's state format (fp32 or bf16, rounded to
+nearest: a state dict of either format loads into either, and bf16 moments
+into bf16 state without an fp32 copy) whatever the parameter's dtype, in its
+layout, a bool mask packed; or is a ValueError naming the parameter and the
+key) and param_state.check_complete. The groups keep their own state_dtype
+and rounding (STORAGE_KEYS); every other setting comes from the state dict,
+as torch does. A torch.optim.AdamW group (one without
 "dps_step") migrates: its hyperparameters, moments and steps are taken, the
 current group's DPS settings kept (DPS_KEYS), and the DPS schedule starts
 with an exploration stage at the next step.
@@ -21,8 +25,11 @@ from . import distributed, options, param_state
 # Group keys that migrating a torch.optim.AdamW state dict keeps from the current groups: those
 # AdamW lacks; foreach and fused, which in DPSAdamW choose the backend (options.implementation);
 # capturable and differentiable, which DPSAdamW supports only as False (AdamW's state loads either way).
-DPS_KEYS = ("dps", "sparsity", "stage_steps", "stage_ratio", "variant", "masked",
+DPS_KEYS = ("dps", "sparsity", "stage_steps", "stage_ratio", "variant", "masked", "state_dtype", "rounding", "seed",
             "foreach", "fused", "capturable", "differentiable")
+# Group keys that every load keeps from the current groups: how this run stores its state and
+# parameters (the state is converted to the current format: a state dict of either loads into either).
+STORAGE_KEYS = ("state_dtype", "rounding")
 
 
 def saved(optimizer, state_dict):
@@ -60,7 +67,8 @@ def loaded(optimizer, state_dict):
         if distributed.is_dtensor(param):  # its shards may be views of the state dict's tensors: copies
             entry = distributed.loaded_state(param, {k: v.clone() if isinstance(v, torch.Tensor) else v
                                                      for k, v in entry.items()})
-        entry = {name: param_state.adopt(param, name, value, where) for name, value in entry.items()}
+        entry = {name: param_state.adopt(param, name, value, where, group["state_dtype"])
+                 for name, value in entry.items()}
         param_state.check_complete(entry, _is_mixed(group), where)
         if "schedule_start" not in saved_group:  # tags of an older dps_fast: stage numbers, now first steps
             stage_steps = saved_group.get("stage_steps") or 1
@@ -93,6 +101,7 @@ def _group(optimizer, index, group, saved_group):
         new.pop("decoupled_weight_decay", None)
         new.update({key: group[key] for key in DPS_KEYS})
         new.update(dps_step=0, schedule_start=0, schedule_stage_steps=group["stage_steps"])
+    new.update({key: group[key] for key in STORAGE_KEYS})
     for key, value in optimizer.defaults.items():
         new.setdefault(key, value)
     new.setdefault("schedule_start", 0)

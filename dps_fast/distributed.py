@@ -63,6 +63,22 @@ def check_group(group):
                          "use variant='dense', or DDP")
 
 
+def global_offset(dtensor):
+    """The index in the whole tensor (row-major) of the first entry of this rank's
+    shard: the base of its entries' stochastic-rounding indices (dps_fast.rounding).
+    The shard must be a block of whole rows (sharded on dim 0 only)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(p.is_shard() and p.dim != 0 for p in dtensor.placements):
+        raise ValueError(f"stochastic rounding needs each shard to be a block of rows (Shard(0)); this DTensor "
+                         f"is placed {dtensor.placements}")
+    _, offset = compute_local_shape_and_global_offset(dtensor.shape, dtensor.device_mesh, dtensor.placements)
+    row = 1
+    for size in dtensor.shape[1:]:
+        row *= size
+    return int(offset[0]) * row if offset else 0
+
+
 def shard_groups(dtensor):
     """The process groups of the mesh dimensions `dtensor` is sharded over: summing
     over them counts every entry of the tensor once."""

@@ -20,7 +20,9 @@ def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
               beta2: float, eps: float, weight_decay: float, scores: Optional[List[torch.Tensor]] = None,
               reset_scores: Optional[Sequence[bool]] = None, masks: Optional[List[Optional[torch.Tensor]]] = None,
               freeze: bool = False, grad_coef: Optional[torch.Tensor] = None,
-              inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+              inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+              state_format: str = "fp32", rounding: str = "nearest",
+              seeds: Optional[Sequence[Optional[int]]] = None) -> None:
     """One AdamW step of tensors on one device, in place, as DPS's `phase` asks:
 
     - PLAIN: AdamW (a group not managed by DPS);
@@ -33,14 +35,22 @@ def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
     steps: each tensor's bias-correction step, already advanced. lr: a float
     or a 0-dim tensor. grad_coef: a 0-dim factor on the gradient the update
     uses, after scoring (clip, maximize's sign). inv_scale / found_inf: a
-    GradScaler's, on the device (dps_fast.amp). DTensors update their local shards.
+    GradScaler's, on the device (dps_fast.amp). state_format, rounding: how the
+    state and a bf16/fp16 parameter are stored (dps_fast.state_format); seeds:
+    each tensor's stochastic-rounding seed (None where it draws no bits).
+    DTensors update their local shards, whose random bits are those of their
+    entries' indices in the whole tensor.
     """
+    offsets = None
     if any(map(distributed.is_dtensor, params)):  # the one place the update sees DTensors' shards
+        offsets = [distributed.global_offset(p) if seed is not None else 0 for p, seed in
+                   zip(params, seeds or [None] * len(params))]
         params, grads, exp_avgs, exp_avg_sqs = map(distributed.local_all, (params, grads, exp_avgs, exp_avg_sqs))
         scores = None if scores is None else distributed.local_all(scores)
-    lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
+    lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps, seeds=seeds,
+                 offsets=offsets)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_coef=grad_coef,
-                 inv_scale=inv_scale, found_inf=found_inf)
+                 inv_scale=inv_scale, found_inf=found_inf, state_format=state_format, rounding=rounding)
     if phase == EXPLORE:
         backend.update(**lists, **hyper, scores=scores, reset_scores=reset_scores)
     elif phase == EXPLOIT:
@@ -57,4 +67,4 @@ def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
 
 
 def _pick(lists, indices):
-    return {name: [values[i] for i in indices] for name, values in lists.items()}
+    return {name: None if values is None else [values[i] for i in indices] for name, values in lists.items()}

@@ -17,6 +17,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import amp, backends, checkpoint, clipping, distributed, functional, mix, options, param_state, selection
+from . import rounding as rounding_bits
+from . import state_format as formats
 from .schedule import EXPLORE, phase_of, stage_start
 
 # The per-parameter state a step writes on the host (undone if GradScaler skips it).
@@ -65,10 +67,18 @@ class DPSAdamW(Optimizer):
         masked: "grad" (published: masked entries get a zero gradient, their
             moments and weight decay go on) or "freeze" (masked entries keep
             their value, moments, and get no weight decay).
+        state_dtype: "fp32" (default) or "bf16": how exp_avg, exp_avg_sq and the
+            score are stored (dps_fast.state_format; bf16 with stochastic rounding).
+        rounding: "nearest" (default) or "stochastic": how an updated bf16/fp16
+            parameter is stored (dps_fast.rounding).
+        seed: the seed of the stochastic-rounding bits (an integer in [0, 2**32);
+            default torch.initial_seed(), read, not drawn); each parameter's own
+            seed, derived from it, is kept in its state.
         backend: "auto" or one of dps_fast.backends.BACKEND_NAMES.
 
-    Math and state are fp32 whatever the parameter dtype (float64 for float64
-    parameters); a bf16/fp16 parameter is rounded to its own dtype after each update.
+    Math is fp32 whatever the parameter dtype and the state format (float64 for
+    float64 parameters, whose state is float64): each entry is loaded, updated
+    and stored once per step.
 
     Under a GradScaler, step() takes the loss scale and found_inf on the
     device and never waits for them (dps_fast.amp): until the next step(),
@@ -79,14 +89,16 @@ class DPSAdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  sparsity=0.3, stage_steps=None, total_steps=None, stage_ratio=0.05, variant="dense",
-                 masked="grad", backend="auto", maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None):
+                 masked="grad", state_dtype="fp32", rounding="nearest", seed=None, backend="auto", maximize=False,
+                 foreach=None, capturable=False, differentiable=False, fused=None):
         backends.check_name(backend)
+        seed = torch.initial_seed() & rounding_bits.MASK32 if seed is None else seed
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused, sparsity=sparsity,
                         stage_steps=options.stage_steps(stage_steps, total_steps, stage_ratio),
-                        stage_ratio=stage_ratio, variant=variant, masked=masked, dps=True)
+                        stage_ratio=stage_ratio, variant=variant, masked=masked, state_dtype=state_dtype,
+                        rounding=rounding, seed=seed, dps=True)
         # checked as a plain group (a group may give its own stage length), then as a managed one
         options.check_group({**defaults, "dps": False}, backend)
         if defaults["stage_steps"] is not None:
@@ -350,6 +362,7 @@ class DPSAdamW(Optimizer):
             for param in params:
                 if param.grad.is_sparse:
                     raise RuntimeError("DPSAdamW does not support sparse gradients")
+            param_state.follow_format(self.state, group, params)
             param_state.check_group(self.state, group, params, index)
             for device in {param.device for param in params}:  # a backend that cannot run: now, not halfway
                 self._backend_for(device, group)
@@ -370,19 +383,29 @@ class DPSAdamW(Optimizer):
 
     def _init_group(self, group, params, explore):
         """The states of `params`, created where missing (a score too when a managed
-        group explores), with each tensor's bias-correction step advanced."""
-        states = []
+        group explores; a rounding seed where the step draws random bits), with each
+        tensor's bias-correction step advanced."""
+        states, format = [], formats.of(group["state_dtype"])
         for param in params:
             state = self.state[param]
             if "step" not in state:
                 state["step"] = 0
-                state["exp_avg"] = param_state.zeros(param)
-                state["exp_avg_sq"] = param_state.zeros(param)
+                state["exp_avg"] = param_state.zeros(param, format.name)
+                state["exp_avg_sq"] = param_state.zeros(param, format.name)
             if explore and "score" not in state:
-                state["score"] = param_state.zeros(param)
+                state["score"] = param_state.zeros(param, format.name)
+            if "round_seed" not in state and formats.needs_random_bits(format, group["rounding"], param):
+                # the group's seed and the parameter's place in the optimizer: the same on every rank
+                state["round_seed"] = rounding_bits.mix32(group["seed"] ^ rounding_bits.mix32(self._position(param)))
             state["step"] += 1
             states.append(state)
         return states
+
+    def _position(self, param):
+        """The index of `param` among all the optimizer's parameters, group after group."""
+        self.group_of(param)  # indexes the parameters when they changed
+        index, position = self._runtime.group_index[id(param)]
+        return sum(len(g["params"]) for g in self.param_groups[:index]) + position
 
     def _grad_coef(self, group, clip_coef, device):
         """The 0-dim factor on the gradient `group`'s update uses (after scoring): the
@@ -420,7 +443,8 @@ class DPSAdamW(Optimizer):
         lr = group["lr"]  # a tensor lr stays one: the reference then rounds as torch.optim.AdamW does
         hyper = dict(lr=lr.reshape(()) if isinstance(lr, torch.Tensor) else float(lr),
                      beta1=float(group["betas"][0]), beta2=float(group["betas"][1]), eps=float(group["eps"]),
-                     weight_decay=float(group["weight_decay"]), freeze=group["masked"] == "freeze")
+                     weight_decay=float(group["weight_decay"]), freeze=group["masked"] == "freeze",
+                     state_format=group["state_dtype"], rounding=group["rounding"])
         for device, chosen in _by_device(range(len(params)), lambda i: params[i].device).items():
             def pick(values):
                 return [values[i] for i in chosen]
@@ -434,7 +458,7 @@ class DPSAdamW(Optimizer):
                 grad_coef=self._grad_coef(group, clip_coef, device),
                 scores=[states[i]["score"] for i in chosen] if explore else None,
                 reset_scores=[states[i].get("score_stage") != stage for i in chosen] if explore else None,
-                masks=pick(masks))
+                masks=pick(masks), seeds=[states[i].get("round_seed") for i in chosen])
         if phase == EXPLORE:
             for state in states:
                 state["score_stage"] = stage

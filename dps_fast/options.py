@@ -9,6 +9,7 @@ import numbers
 
 import torch
 
+from . import state_format as formats
 from .schedule import stage_steps_from
 
 VARIANTS = ("dense", "mix")
@@ -61,6 +62,13 @@ def check_group(group, backend, where=""):
     if kind == "unfused" and backend not in ("auto", "torch"):
         raise ValueError(f"{where}fused=False / foreach=False ask for the per-tensor loop, which is "
                          f"backend='torch', not backend={backend!r}")
+    if group["state_dtype"] not in formats.NAMES:
+        raise ValueError(f"{where}state_dtype must be one of {formats.NAMES}; got {group['state_dtype']!r}")
+    if group["rounding"] not in formats.ROUNDINGS:
+        raise ValueError(f"{where}rounding must be one of {formats.ROUNDINGS}; got {group['rounding']!r}")
+    seed = group["seed"]
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"{where}seed must be an integer in [0, 2**32); got {seed!r}")
     if not group["dps"]:
         return
     sparsity = group["sparsity"]

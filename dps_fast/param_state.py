@@ -3,8 +3,10 @@ kernel touches fits its parameter.
 
 State of a parameter `p` (optimizer.state[p]):
     step                      int: AdamW's bias-correction step
-    exp_avg, exp_avg_sq       AdamW's moments   } p's shape, in state_dtype(p)
-    score                     DPS score (g*g)   }
+    exp_avg, exp_avg_sq       AdamW's moments   } p's shape, in state_dtype(p, its group's
+    score                     DPS score (g*g)   }   state_dtype): dps_fast.state_format
+    round_seed                int: the seed of its stochastic-rounding bits (dps_fast.rounding),
+                              present once a step has drawn them
     mask                      packed subnetwork bits: 1-D uint8, packed_size(p.numel()) bytes
     mix_init, mix_snapshot    DPS-Mix targets (W0, stage snapshot): p's shape and dtype
     mix_count                 DPS-Mix keep counts: fp32, one per input column of a matrix
@@ -27,10 +29,12 @@ import operator
 import torch
 
 from . import distributed
+from . import state_format as formats
 from .selection import pack_mask, packed_size, unpack_mask
 
-LIKE_PARAM = ("exp_avg", "exp_avg_sq", "score")  # p's shape, state_dtype(p)
+LIKE_PARAM = formats.STATE_KEYS  # p's shape, state_dtype(p, format)
 TAGS = ("score_stage", "mask_stage", "snapshot_stage")
+INTEGERS = ("step", "round_seed") + TAGS  # whole numbers >= 0
 
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
@@ -38,14 +42,15 @@ _device = operator.attrgetter("device")
 _numel = torch.Tensor.numel
 
 
-def state_dtype(param):
-    """The dtype of a parameter's moments and score: fp32, or float64 for float64 parameters."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
+def state_dtype(param, format="fp32"):
+    """The dtype of a parameter's moments and score in state format `format` (a name of
+    dps_fast.state_format): fp32 or bf16, float64 for float64 parameters."""
+    return formats.of(format).dtype_for(param)
 
 
-def zeros(param):
-    """A zero moment or score for `param`: its shape and strides, state_dtype(param)."""
-    return torch.zeros_like(param, dtype=state_dtype(param))
+def zeros(param, format="fp32"):
+    """A zero moment or score for `param`: its shape and strides, state_dtype(param, format)."""
+    return torch.zeros_like(param, dtype=state_dtype(param, format))
 
 
 def bool_mask(param, bits):
@@ -60,10 +65,10 @@ def mix_count_shape(param):
     return param.shape[-1:] if param.dim() == 2 else param.shape
 
 
-def _expected(param, key):
+def _expected(param, key, format="fp32"):
     """(shape, dtype) a tensor entry `key` of param's state must have, or None if any."""
     if key in LIKE_PARAM:
-        return param.shape, state_dtype(param)
+        return param.shape, state_dtype(param, format)
     if key == "mask":  # a DTensor parameter's mask covers its local shard
         return torch.Size([packed_size(distributed.local(param).numel())]), torch.uint8
     if key in ("mix_init", "mix_snapshot"):
@@ -77,9 +82,10 @@ def _describe(tensor):
     return f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}"
 
 
-def misfit(param, key, value):
-    """None if `value` fits entry `key` of param's state, else what was expected."""
-    expected = _expected(param, key)
+def misfit(param, key, value, format="fp32"):
+    """None if `value` fits entry `key` of param's state (in state format `format`), else
+    what was expected."""
+    expected = _expected(param, key, format)
     if expected is None:
         return None
     shape, dtype = expected
@@ -92,18 +98,20 @@ def misfit(param, key, value):
     return None
 
 
-def adopt(param, key, value, where):
-    """Entry `key` of a loaded state brought to the form misfit() accepts, as a new
-    tensor: tags and steps to ints, floats of another dtype to the state dtype, a bool
-    mask of the parameter's shape packed, tensors to the parameter's device and strides.
+def adopt(param, key, value, where, format="fp32"):
+    """Entry `key` of a loaded state brought to the form misfit() accepts in state format
+    `format`, as a new tensor: tags, steps and seeds to ints, floats of another dtype to
+    the format's dtype (rounded to nearest: a conversion is deterministic), a bool mask of
+    the parameter's shape packed, tensors to the parameter's device and strides.
     Raises ValueError naming `where` (the parameter) and the key otherwise."""
-    if key == "step" or key in TAGS:
+    if key in INTEGERS:
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
             value = value.item()
-        if isinstance(value, bool) or not float(value).is_integer() or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() \
+                or value < 0:
             raise ValueError(f"{where}: state {key!r} must be an integer >= 0; got {value!r}")
         return int(value)
-    expected = _expected(param, key)
+    expected = _expected(param, key, format)
     if expected is None or not isinstance(value, torch.Tensor):
         return value
     shape, dtype = expected
@@ -118,7 +126,7 @@ def adopt(param, key, value, where):
             value = torch.empty_like(param, dtype=dtype).copy_(value)  # the parameter's layout
     elif value.device != device and value.shape == shape and value.dtype == dtype:
         value = value.to(device)
-    problem = misfit(param, key, value)
+    problem = misfit(param, key, value, format)
     if problem is not None:
         raise ValueError(f"{where}: state {key!r} {problem}. The state does not belong to this parameter "
                          "(a checkpoint of another model, or a parameter reshaped after its state was made)")
@@ -145,6 +153,23 @@ def check_complete(entry, mixed, where):
                 raise ValueError(f"{where}: state has {tag!r} but not {key!r}, the tensor it tags")
 
 
+def follow_format(states, group, params):
+    """Bring the moments and scores of `params` to their group's state format where it
+    was changed since they were made (group["state_dtype"] set by hand): converted,
+    rounded to nearest, as a load converts them. Tensors that do not fit otherwise are
+    left for check_group to name."""
+    format = group["state_dtype"]
+    for param in params:
+        state = states.get(param)
+        if not state:
+            continue
+        for key in LIKE_PARAM:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == param.shape \
+                    and value.dtype != state_dtype(param, format):
+                state[key] = value.to(state_dtype(param, format))
+
+
 def check_group(states, group, params, index):
     """ValueError naming the parameter (param_groups[index]['params'][j]) if the
     gradient or a state entry of one of `params` (of param group `group`) does not
@@ -165,38 +190,43 @@ def check_group(states, group, params, index):
         if chosen:
             values = [v for v in values if v is not None]
             check_entries(distributed.local_all(chosen), key,
-                          values if key == "mask" else distributed.local_all(values), where(chosen))
+                          values if key == "mask" else distributed.local_all(values), where(chosen),
+                          group["state_dtype"])
 
 
-def check_update(params, grads, exp_avgs, exp_avg_sqs, scores=None, masks=None, where=None, device=None):
+def check_update(params, grads, exp_avgs, exp_avg_sqs, scores=None, masks=None, where=None, device=None,
+                 state_format="fp32"):
     """Raise ValueError unless, for every i, grads[i], exp_avgs[i], exp_avg_sqs[i]
     and scores[i] have params[i]'s shape and device, the moments and scores
-    state_dtype(params[i]), and masks[i] is params[i]'s packed mask (1-D uint8 of
-    packed_size(numel) bytes, same device); and, if `device` is given (the one the
-    kernels run on), every params[i] is on it. where(i) names params[i] in the message."""
+    state_dtype(params[i], state_format), and masks[i] is params[i]'s packed mask
+    (1-D uint8 of packed_size(numel) bytes, same device); and, if `device` is given
+    (the one the kernels run on), every params[i] is on it. where(i) names params[i]
+    in the message."""
     if device is not None:
         check_device(params, device, "params")
     entries = dict(grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs, score=scores, mask=masks)
     for key, values in entries.items():
         if values is not None:
-            check_entries(params, key, values, where)
+            check_entries(params, key, values, where, state_format)
 
 
-def check_entries(params, key, values, where=None):
+def check_entries(params, key, values, where=None, format="fp32"):
     """Raise ValueError unless values[i] fits entry `key` ("grad" or a state key) of
-    params[i]'s state (misfit). The common case costs a few C-level passes."""
+    params[i]'s state in state format `format` (misfit). The common case costs a few
+    C-level passes."""
     if len(values) != len(params):
         raise ValueError(f"{len(values)} {key} tensors for {len(params)} params")
     if key == "mask":
         fits = (list(map(_shape, values)) == [torch.Size([packed_size(n)]) for n in map(_numel, params)]
                 and all(d == torch.uint8 for d in map(_dtype, values)))
     else:
+        stored = formats.of(format).dtype
         fits = list(map(_shape, values)) == list(map(_shape, params)) and (key == "grad" or list(map(
-            _dtype, values)) == [torch.float64 if d == torch.float64 else torch.float32 for d in map(_dtype, params)])
+            _dtype, values)) == [torch.float64 if d == torch.float64 else stored for d in map(_dtype, params)])
     if fits and list(map(_device, values)) == list(map(_device, params)):
         return
     for i, value in enumerate(values):
-        problem = _grad_misfit(params[i], value) if key == "grad" else misfit(params[i], key, value)
+        problem = _grad_misfit(params[i], value) if key == "grad" else misfit(params[i], key, value, format)
         if problem is not None:
             name = where(i) if where else f"params[{i}]"
             raise ValueError(f"{name}: {'its gradient' if key == 'grad' else f'state {key!r}'} {problem}")

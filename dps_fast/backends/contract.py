@@ -32,6 +32,12 @@ class DType(enum.IntEnum):
 TORCH_DTYPES = {torch.float32: DType.FLOAT32, torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
 
 
+class StateFormat(enum.IntEnum):
+    """How the kernels store exp_avg, exp_avg_sq and scores (dps_fast.state_format's codes)."""
+    FP32 = 0
+    BF16 = 1  # with stochastic rounding
+
+
 def mode_of(scores, masks, freeze):
     """The Mode of an update call from the arguments it was given."""
     if scores is not None:
@@ -54,8 +60,11 @@ class Backend(Protocol):
                eps: float, weight_decay: float, grad_coef: Optional[torch.Tensor] = None,
                scores: Optional[List[torch.Tensor]] = None, reset_scores: Optional[Sequence[bool]] = None,
                masks: Optional[List[torch.Tensor]] = None, freeze: bool = False,
-               inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
-        """One fused explore / exploit / plain AdamW pass in place (see reference.update)."""
+               inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+               state_format: str = "fp32", rounding: str = "nearest", seeds: Optional[Sequence[Optional[int]]] = None,
+               offsets: Optional[Sequence[int]] = None) -> None:
+        """One fused explore / exploit / plain AdamW pass in place (see reference.update); state_format
+        is a name of dps_fast.state_format (its code: StateFormat)."""
 
     def select_masks(self, scores: List[torch.Tensor], sparsity: float) -> List[torch.Tensor]:
         """Per-tensor top-k masks, ties kept, packed as dps_fast.selection.pack_mask does."""

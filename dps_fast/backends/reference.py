@@ -1,12 +1,16 @@
 """Pure-PyTorch backend: the executable specification of one DPS update.
 
 Short and obvious on purpose; every fast backend is tested against it.
-All arithmetic is in the state's dtype (dps_fast.param_state.state_dtype): fp32
-whatever the parameter dtype, float64 for float64 parameters.
+All arithmetic is fp32 whatever the parameter dtype and the state format
+(dps_fast.state_format), float64 for float64 parameters: each state entry is
+loaded, updated in fp32 and stored once, rounded stochastically where the
+format or the rounding option says so (dps_fast.rounding).
 """
 import torch
 
+from .. import rounding as random_rounding
 from .. import selection
+from .. import state_format as formats
 
 NAME = "torch"
 
@@ -29,7 +33,7 @@ def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
            grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
-           inv_scale=None, found_inf=None):
+           inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None):
     """Update every tensor of one group in place.
 
     lr: a float, or a 0-dim tensor (rounded as torch.optim.AdamW rounds a tensor lr).
@@ -44,44 +48,86 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
     inv_scale / found_inf: optional 0-dim fp32 tensors from a GradScaler: the
         gradient is multiplied by inv_scale before anything else (scoring
         included), and nothing at all is written when found_inf is nonzero.
+    state_format: the name of the state's format (dps_fast.state_format): the
+        dtype exp_avg, exp_avg_sq and scores are stored in, and whether they
+        are stored with stochastic rounding.
+    rounding: "nearest" or "stochastic", how a bf16/fp16 parameter is stored.
+    seeds / offsets: per tensor, the seed of its stochastic-rounding bits and the
+        index in the whole tensor of its first entry (a shard's; default 0), needed
+        when the format or the rounding draws bits (dps_fast.rounding).
     """
     if found_inf is not None and found_inf.item() != 0:
         return
+    format = formats.of(state_format)
     for i, param in enumerate(params):
-        compute = exp_avgs[i].dtype
+        compute = torch.float64 if param.dtype == torch.float64 else torch.float32
+        words = _random_words(format, rounding, param, seeds, offsets, i, steps[i])
         grad = grads[i].to(compute)
         if inv_scale is not None:
             grad = grad * inv_scale
+        state_bits = words if format.stochastic else None  # which stores round stochastically
+        param_bits = words if rounding == "stochastic" else None
         if scores is not None:
-            if reset_scores[i]:
-                scores[i].copy_(grad * grad)
-            else:
-                scores[i].addcmul_(grad, grad)
+            score = grad * grad if reset_scores[i] else scores[i].to(compute).addcmul_(grad, grad)
+            _store(scores[i], score, _bits(state_bits, "score"))
         if grad_coef is not None:  # in the compute dtype: a float64 clip factor must not promote a 0-dim grad
             grad = grad * grad_coef.to(compute)
         mask = None if masks is None else selection.unpack_mask(masks[i], param.shape)
         if mask is not None and not freeze:
             grad = grad * mask
         new_param, new_avg, new_avg_sq = adamw_math(
-            param.to(compute), grad, exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1, beta2, eps, weight_decay)
-        if mask is not None and freeze:
-            new_param = torch.where(mask, new_param, param.to(compute))
-            new_avg = torch.where(mask, new_avg, exp_avgs[i])
-            new_avg_sq = torch.where(mask, new_avg_sq, exp_avg_sqs[i])
-        param.copy_(new_param)
-        exp_avgs[i].copy_(new_avg)
-        exp_avg_sqs[i].copy_(new_avg_sq)
+            param.to(compute), grad, exp_avgs[i].to(compute), exp_avg_sqs[i].to(compute), steps[i], lr, beta1,
+            beta2, eps, weight_decay)
+        keep = mask if freeze else None
+        _store(param, new_param, _bits(param_bits, "param"), keep)
+        _store(exp_avgs[i], new_avg, _bits(state_bits, "exp_avg"), keep)
+        _store(exp_avg_sqs[i], new_avg_sq, _bits(state_bits, "exp_avg_sq"), keep)
+
+
+# The 16 random bits of each store of an entry: (stream, shift) in dps_fast.rounding's two words.
+RANDOM_BITS = {"exp_avg": (0, 0), "exp_avg_sq": (0, 16), "score": (1, 0), "param": (1, 16)}
+
+
+def _random_words(format, rounding, param, seeds, offsets, i, step):
+    """The two stochastic-rounding words of every entry of `param` (p's shape), or None
+    when none of its stores rounds stochastically."""
+    if not formats.needs_random_bits(format, rounding, param):
+        return None
+    if seeds is None or seeds[i] is None:
+        raise ValueError(f"state_format={format.name!r}, rounding={rounding!r}: tensor {i} needs its seed")
+    offset = 0 if offsets is None else offsets[i]
+    index = offset + torch.arange(param.numel(), dtype=torch.int64, device=param.device).view(param.shape)
+    return [random_rounding.entry_words(key, index) for key in random_rounding.stream_keys(seeds[i], step)]
+
+
+def _bits(words, role):
+    """The 16 random bits of store `role` of every entry, or None."""
+    if words is None:
+        return None
+    stream, shift = RANDOM_BITS[role]
+    return (words[stream] >> shift) & 0xFFFF
+
+
+def _store(stored, value, r16, keep=None):
+    """stored := value (fp32 or float64) rounded to stored's dtype: stochastically with the
+    random bits `r16` if given and stored is bf16/fp16, else to nearest (torch's copy_).
+    keep: a bool mask outside which stored is left as it is."""
+    if r16 is not None and stored.dtype in (torch.bfloat16, torch.float16):
+        value = random_rounding.stochastic(value, stored.dtype, r16)
+    if keep is not None:
+        value = torch.where(keep, value.to(stored.dtype), stored)
+    stored.copy_(value)
 
 
 def update_some(indices, params, grads, exp_avgs, exp_avg_sqs, steps, *, scores=None, reset_scores=None,
-                masks=None, **hyper):
+                masks=None, seeds=None, offsets=None, **hyper):
     """update() of the tensors at `indices` of the lists: the fast backends' fallback
     for the tensors their kernels do not take (float64, non-contiguous, ...)."""
     def pick(values):
         return None if values is None else [values[i] for i in indices]
 
     update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), scores=pick(scores),
-           reset_scores=pick(reset_scores), masks=pick(masks), **hyper)
+           reset_scores=pick(reset_scores), masks=pick(masks), seeds=pick(seeds), offsets=pick(offsets), **hyper)
 
 
 def masked_norms(grads, masks):
