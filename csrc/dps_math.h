@@ -34,8 +34,11 @@ enum Mode : int {
   kExploitFreeze = 3,  // masked-out entries (value and moments) are left as they are
 };
 
-// Storage dtypes of parameters and gradients (moments and scores are fp32).
+// Storage dtypes of parameters and gradients.
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// How exp_avg, exp_avg_sq and scores are stored (dps_fast.state_format).
+enum StateFormat : int { kStateFp32 = 0, kStateBf16 = 1 };  // bf16: with stochastic rounding
 
 // The enums' values under the names Python gives them.
 struct NamedCode {
@@ -45,6 +48,7 @@ struct NamedCode {
 constexpr NamedCode kModeNames[] = {
     {"PLAIN", kPlain}, {"EXPLORE", kExplore}, {"EXPLOIT_GRAD", kExploitGrad}, {"EXPLOIT_FREEZE", kExploitFreeze}};
 constexpr NamedCode kDTypeNames[] = {{"FLOAT32", kFloat32}, {"BFLOAT16", kBFloat16}, {"FLOAT16", kFloat16}};
+constexpr NamedCode kStateFormatNames[] = {{"FP32", kStateFp32}, {"BF16", kStateBf16}};
 
 // Hyperparameters of a call, rounded to fp32 as torch rounds a Python float
 // that multiplies an fp32 tensor.
@@ -157,6 +161,76 @@ DPS_HD T store_value(float x) {
   return out;
 }
 
+// ----- stochastic rounding: dps_fast/rounding.py is the specification --------------
+
+// lowbias32 (C. Wellons), the hash of the random bits.
+DPS_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// One entry's two random words (rounding.entry_words of its index in the whole tensor):
+// a = stream A (exp_avg: low 16 bits, exp_avg_sq: high 16), b = stream B (score: low, param: high).
+// hi_a, hi_b: mix32(key ^ (index >> 32)) of each stream, constant over 2^32 entries; `low`:
+// the index's low 32 bits (32-bit lanes in the vector loops).
+struct EntryBits {
+  uint32_t a, b;
+};
+
+DPS_HD EntryBits entry_bits(uint32_t hi_a, uint32_t hi_b, uint32_t low) {
+  return EntryBits{mix32(hi_a ^ low), mix32(hi_b ^ low)};
+}
+
+// x rounded to bf16 with 16 random bits: (bits + r16) >> 16; NaN -> 0x7fc0; a finite value
+// that would carry into the inf/NaN exponent keeps the value rounded toward zero.
+DPS_HD uint16_t stochastic_bf16(float x, uint32_t r16) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t up = (u + r16) >> 16, down = u >> 16;
+  const bool finite = (u & 0x7f800000u) != 0x7f800000u;
+  const uint32_t bits = ((up & 0x7f80u) == 0x7f80u && finite) ? down : up;
+  return (uint16_t)((x != x) ? 0x7fc0u : bits);
+}
+
+// x rounded to fp16 with 16 random bits: a normal value drops 13 bits (r16 >> 3 is added);
+// below 2^-14 the 24-bit significand is put on fp16's 2^-24 grid (drop = 126 - exponent bits,
+// 14 to 40, r16 shifted to cover them). Overflow as rounding.stochastic says.
+DPS_HD uint16_t stochastic_f16(float x, uint32_t r16) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t sign = u & 0x80000000u, magnitude = u & 0x7fffffffu;
+  const uint32_t exponent = magnitude >> 23;
+  const uint32_t normal_up = ((magnitude + (r16 >> 3)) >> 13) - (112u << 10);
+  const uint32_t normal_down = (magnitude >> 13) - (112u << 10);
+  int drop = 126 - (int)exponent;
+  drop = drop < 14 ? 14 : (drop > 40 ? 40 : drop);
+  const uint64_t significand = (uint64_t)((magnitude & 0x7fffffu) | (exponent > 0 ? 0x800000u : 0u));
+  const uint64_t noise = drop <= 16 ? (uint64_t)(r16 >> (16 - drop)) : ((uint64_t)r16 << (drop - 16));
+  const uint32_t small_up = (uint32_t)((significand + noise) >> drop);
+  const uint32_t small_down = (uint32_t)(significand >> drop);
+  uint32_t up = exponent < 113 ? small_up : normal_up;
+  const uint32_t down = exponent < 113 ? small_down : normal_down;
+  up = (up >= 0x7c00u && magnitude < 0x477ff000u) ? down : up;  // below 65520: never up to inf
+  up = magnitude >= 0x477ff000u ? 0x7c00u : up;                 // 65520 and above (inf, NaN too)
+  return (uint16_t)(((x != x) ? 0x7e00u : up) | (sign >> 16));
+}
+
+DPS_HD void from_float_stochastic(float x, uint32_t, float& out) { out = x; }
+DPS_HD void from_float_stochastic(float x, uint32_t r16, bf16_t& out) { out.bits = stochastic_bf16(x, r16); }
+DPS_HD void from_float_stochastic(float x, uint32_t r16, f16_t& out) { out.bits = stochastic_f16(x, r16); }
+
+// x stored as T: stochastically with the 16 random bits r16 when STOCHASTIC, else to nearest.
+template <typename T, bool STOCHASTIC>
+DPS_HD T store_rounded(float x, uint32_t r16) {
+  T out;
+  if (STOCHASTIC)
+    from_float_stochastic(x, r16, out);
+  else
+    from_float(x, out);
+  return out;
+}
+
 // ----- the update of one entry -----------------------------------------------------
 
 // a * b + c rounded once, as torch's kernels compute lerp and addcmul (the
@@ -188,6 +262,12 @@ DPS_HD void adamw(float& p, float g, float& m, float& v, const Hyper& h, const S
   p = p + (-t.step_size * m) / denom;
 #endif
 }
+
+// The 16 random bits of each store of an entry (reference.RANDOM_BITS).
+DPS_HD uint32_t exp_avg_bits(EntryBits w) { return w.a & 0xffffu; }
+DPS_HD uint32_t exp_avg_sq_bits(EntryBits w) { return w.a >> 16; }
+DPS_HD uint32_t score_bits(EntryBits w) { return w.b & 0xffffu; }
+DPS_HD uint32_t param_bits(EntryBits w) { return w.b >> 16; }
 
 // One DPS entry: p, m, v (and s when exploring) in place. `g` is the stored
 // gradient, `keep` its mask bit (exploit modes), `reset` whether the score

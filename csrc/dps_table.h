@@ -14,18 +14,22 @@
 namespace dps {
 
 // One tensor of an update call. Pointers are raw addresses of contiguous
-// tensors; s is null unless exploring, mask null unless exploiting.
+// tensors; s is null unless exploring, mask null unless exploiting. m, v and s
+// are fp32 or bf16 (the call's StateFormat).
 struct TensorArgs {
   void* p;
   const void* g;
-  float* m;
-  float* v;
-  float* s;
+  void* m;
+  void* v;
+  void* s;
   const uint8_t* mask;
   int64_t numel;
   StepConsts step;
+  int64_t offset;   // index in the whole tensor of entry 0 (a shard's): the random bits' index
+  uint32_t key_a;   // the step's stream keys (rounding.stream_keys), when stores round stochastically
+  uint32_t key_b;
   int32_t reset;    // the score restarts at this step
-  int32_t aligned;  // every pointer allows 16-byte vector access (CUDA)
+  int32_t aligned;  // every pointer allows 4-entry vector access (CUDA)
 };
 
 // One tensor of a selection call.
@@ -63,7 +67,7 @@ std::vector<Chunk> make_chunks(const std::vector<Args>& tensors, int64_t chunk) 
 // The arguments of an update call as the Python side passes them: parallel
 // lists, one value per tensor (s and mask empty when the mode has none).
 struct UpdateLists {
-  std::vector<int64_t> p, g, m, v, s, mask, numel, steps, reset;
+  std::vector<int64_t> p, g, m, v, s, mask, numel, steps, reset, key_a, key_b, offsets;
 };
 
 static inline void check_length(const std::vector<int64_t>& list, size_t n, const char* name) {
@@ -72,10 +76,12 @@ static inline void check_length(const std::vector<int64_t>& list, size_t n, cons
                                 " entries, expected " + std::to_string(n));
 }
 
-// TensorArgs of every non-empty tensor of the call; `item` is the bytes per
-// parameter (and gradient) entry, for the 4-entry vector alignment.
+// TensorArgs of every non-empty tensor of the call; `item` and `state_item` are the
+// bytes per parameter (and gradient) entry and per state entry, for the 4-entry vector
+// alignment; `random` says whether the call's stores draw random bits (keys, offsets).
 static inline std::vector<TensorArgs> make_tensor_args(int mode, const UpdateLists& l, double lr, double beta1,
-                                                       double beta2, int64_t item) {
+                                                       double beta2, int64_t item, int64_t state_item,
+                                                       bool random) {
   if (mode < kPlain || mode > kExploitFreeze) throw std::invalid_argument("dps_fast: unknown update mode");
   size_t n = l.p.size();
   check_length(l.g, n, "grads");
@@ -88,6 +94,11 @@ static inline std::vector<TensorArgs> make_tensor_args(int mode, const UpdateLis
     check_length(l.reset, n, "reset_scores");
   }
   if (mode == kExploitGrad || mode == kExploitFreeze) check_length(l.mask, n, "masks");
+  if (random) {
+    check_length(l.key_a, n, "key_a");
+    check_length(l.key_b, n, "key_b");
+    check_length(l.offsets, n, "offsets");
+  }
   std::vector<TensorArgs> out;
   out.reserve(n);
   for (size_t i = 0; i < n; ++i) {
@@ -95,15 +106,20 @@ static inline std::vector<TensorArgs> make_tensor_args(int mode, const UpdateLis
     TensorArgs a;
     a.p = (void*)l.p[i];
     a.g = (const void*)l.g[i];
-    a.m = (float*)l.m[i];
-    a.v = (float*)l.v[i];
-    a.s = mode == kExplore ? (float*)l.s[i] : nullptr;
+    a.m = (void*)l.m[i];
+    a.v = (void*)l.v[i];
+    a.s = mode == kExplore ? (void*)l.s[i] : nullptr;
     a.mask = (mode == kExploitGrad || mode == kExploitFreeze) ? (const uint8_t*)l.mask[i] : nullptr;
     a.numel = l.numel[i];
     a.step = make_step(lr, beta1, beta2, l.steps[i]);
+    a.offset = random ? l.offsets[i] : 0;
+    if (a.offset < 0) throw std::invalid_argument("dps_fast: offsets must be >= 0");
+    a.key_a = random ? (uint32_t)l.key_a[i] : 0u;
+    a.key_b = random ? (uint32_t)l.key_b[i] : 0u;
     a.reset = mode == kExplore ? (l.reset[i] != 0) : 0;
-    a.aligned = l.p[i] % (4 * item) == 0 && l.g[i] % (4 * item) == 0 && l.m[i] % 16 == 0 &&
-                l.v[i] % 16 == 0 && (a.s == nullptr || l.s[i] % 16 == 0);
+    const int64_t state_vector = 4 * state_item;
+    a.aligned = l.p[i] % (4 * item) == 0 && l.g[i] % (4 * item) == 0 && l.m[i] % state_vector == 0 &&
+                l.v[i] % state_vector == 0 && (a.s == nullptr || l.s[i] % state_vector == 0);
     out.push_back(a);
   }
   return out;
@@ -142,6 +158,12 @@ static inline int64_t dtype_size(int dtype) {
   if (dtype == kFloat32) return 4;
   if (dtype == kBFloat16 || dtype == kFloat16) return 2;
   throw std::invalid_argument("dps_fast: unsupported dtype code " + std::to_string(dtype));
+}
+
+static inline int64_t state_size(int state_format) {
+  if (state_format == kStateFp32) return 4;
+  if (state_format == kStateBf16) return 2;
+  throw std::invalid_argument("dps_fast: unsupported state format code " + std::to_string(state_format));
 }
 
 }  // namespace dps

@@ -19,6 +19,8 @@ CHUNK = cpu._kernels.chunk_entries if cpu._kernels is not None else 1 << 16
 SIZES = [0, 1, 7, 4097, 2 * CHUNK + 37]
 MODES = ["plain", "explore", "explore-accumulate", "grad", "freeze"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (state_format, rounding) besides the default ("fp32", "nearest"): compact state, stochastic stores
+STORAGES = [("bf16", "nearest"), ("fp32", "stochastic"), ("bf16", "stochastic")]
 
 
 def make_scores(kind, numel, generator):
@@ -59,12 +61,12 @@ def check_select_many(backend, device):
         assert kept >= selection.kept_count(math.prod(shape), 0.3)
 
 
-def _state(shapes, dtype, generator, device):
+def _state(shapes, dtype, generator, device, state_format="fp32"):
     """params, grads (on the 1/16 grid: exact squares), moments and scores (of
-    param_state.state_dtype), masks."""
+    param_state.state_dtype in `state_format`), masks."""
     params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
     grads = [grid_grad(s, generator, dtype) for s in shapes]
-    wide = param_state.state_dtype(params[0])
+    wide = param_state.state_dtype(params[0], state_format)
     avgs = [(torch.randn(s, generator=generator) * 0.1).to(wide) for s in shapes]
     sqs = [(torch.rand(s, generator=generator) * 0.01).to(wide) for s in shapes]
     scores = [(torch.rand(s, generator=generator).mul(64).round() / 16).to(wide) for s in shapes]
@@ -73,15 +75,15 @@ def _state(shapes, dtype, generator, device):
     return [[t.to(device) for t in group] for group in every]
 
 
-def _compare(got, want, dtype, what):
-    """Scores (and the untouched gradients) exactly, fp32 to 1e-6, low-precision parameters to 1 ulp."""
+def _compare(got, want, what):
+    """Scores (and the untouched gradients) exactly, fp32 to 1e-6, low-precision values
+    (parameters, bf16 moments) to 1 ulp: a 1-ulp fp32 difference can round either way."""
     for i, (g, w) in enumerate(zip(got, want)):
         g, w = g.cpu(), w.cpu()
         if what in ("score", "grad"):
             assert torch.equal(g, w), f"{what} {i}"
         else:
-            low_precision = what == "param" and dtype in (torch.bfloat16, torch.float16)
-            tol = torch.finfo(dtype).eps if low_precision else 1e-6
+            tol = torch.finfo(w.dtype).eps if w.dtype in (torch.bfloat16, torch.float16) else 1e-6
             torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, msg=f"{what} {i}")
 
 
@@ -95,14 +97,19 @@ def _mode_arguments(mode, scores, masks):
     return {}
 
 
-def check_update(backend, device, mode, dtype, shapes, transform=None, **scalars):
+def check_update(backend, device, mode, dtype, shapes, transform=None, state_format="fp32", rounding="nearest",
+                 **scalars):
     """One update of several tensors (per-tensor steps) against the reference.
     mode: one of MODES. transform(params), if given, may replace the backend's
-    parameters by tensors of the same values (e.g. ones a kernel cannot address)."""
+    parameters by tensors of the same values (e.g. ones a kernel cannot address).
+    state_format, rounding: the storage (STORAGES); each tensor gets its own seed and
+    a shard's offset into a whole tensor."""
     generator = torch.Generator().manual_seed(len(shapes) + len(mode))
-    params, grads, avgs, sqs, scores, masks = _state(shapes, dtype, generator, device)
+    params, grads, avgs, sqs, scores, masks = _state(shapes, dtype, generator, device, state_format)
     steps = [1 + 3 * i for i in range(len(shapes))]
-    kwargs = dict(HYPER, **scalars, **_mode_arguments(mode, scores, masks))
+    storage = dict(state_format=state_format, rounding=rounding, seeds=[1000 + 7 * i for i in range(len(shapes))],
+                   offsets=[(1 << 32) - 5 if i == 1 else 3 * i for i in range(len(shapes))])  # one crosses 2^32
+    kwargs = dict(HYPER, **scalars, **storage, **_mode_arguments(mode, scores, masks))
     copies = [[t.cpu().clone() for t in group] for group in (params, grads, avgs, sqs, scores)]
     if transform is not None:
         transform(params)
@@ -116,11 +123,11 @@ def check_update(backend, device, mode, dtype, shapes, transform=None, **scalars
             want_kwargs[name] = kwargs[name].cpu()
     backend.update(params, grads, avgs, sqs, steps, **kwargs)
     reference.update(copies[0], copies[1], copies[2], copies[3], steps, **want_kwargs)
-    _compare(params, copies[0], dtype, "param")
-    _compare(avgs, copies[2], dtype, "exp_avg")
-    _compare(sqs, copies[3], dtype, "exp_avg_sq")
-    _compare(scores, copies[4], dtype, "score")
-    _compare(grads, copies[1], dtype, "grad")  # never written
+    _compare(params, copies[0], "param")
+    _compare(avgs, copies[2], "exp_avg")
+    _compare(sqs, copies[3], "exp_avg_sq")
+    _compare(scores, copies[4], "score")
+    _compare(grads, copies[1], "grad")  # never written
 
 
 def check_found_inf(backend, device, mode="explore", shapes=((7,), (4097,), (0,))):
@@ -202,3 +209,35 @@ def check_masked_norms(backend, device, dtype):
     blocked[~selection.unpack_mask(masks[3], blocked.shape)] = float("inf")  # inf only where masked out
     again = backend.masked_norms([blocked.to(device), grads[2].to(device)], [masks[3].to(device), masks[2].to(device)])
     assert again[0].isnan() and again[1] == got[2]
+
+
+def check_stochastic_stores(backend, device):
+    """The stochastic stores to the bit: with beta1 = beta2 = 0, no decay, lr 1/2, zero
+    moments and gradients on the 1/16 grid, every fp32 value of the step is exact (m = g,
+    v = g^2, p - sign(g) / 2 rounded once), the same on every backend whatever it fuses,
+    so its bf16/fp16 stores must be the reference's, bit for bit."""
+    hyper = dict(lr=0.5, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0)
+    shapes = [(4097,), (7,), (33, 17)]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for state_format, rounding in STORAGES:
+            for mode in ("explore", "grad", "freeze"):
+                generator = torch.Generator().manual_seed(9)
+                params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+                grads = [grid_grad(s, generator, dtype) for s in shapes]
+                wide = param_state.state_dtype(params[0], state_format)
+                avgs, sqs = ([torch.zeros(s, dtype=wide) for s in shapes] for _ in range(2))
+                scores = [(torch.rand(s, generator=generator).mul(64).round() / 16).to(wide) for s in shapes]
+                masks = [selection.pack_mask(torch.rand(s, generator=generator) < 0.7) for s in shapes]
+                storage = dict(state_format=state_format, rounding=rounding, seeds=[5, 6, 7],
+                               offsets=[0, (1 << 32) - 3, 11])
+                want = [[t.clone() for t in group] for group in (params, avgs, sqs, scores)]
+                got = [[t.to(device) for t in group] for group in (params, avgs, sqs, scores)]
+                steps = [1, 1, 1]
+                reference.update(want[0], grads, want[1], want[2], steps, **hyper, **storage,
+                                 **_mode_arguments(mode, want[3], masks))
+                device_extra = _mode_arguments(mode, got[3], [m.to(device) for m in masks])
+                backend.update(got[0], [g.to(device) for g in grads], got[1], got[2], steps, **hyper, **storage,
+                               **device_extra)
+                for what, mine, theirs in zip(("param", "exp_avg", "exp_avg_sq", "score"), got, want):
+                    for i, (a, b) in enumerate(zip(mine, theirs)):
+                        assert torch.equal(a.cpu(), b), f"{dtype} {state_format} {rounding} {mode}: {what} {i}"

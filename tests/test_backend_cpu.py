@@ -5,8 +5,9 @@ selection of large tensors with its fallback."""
 import pytest
 import torch
 
-from backend_checks import (CHUNK, DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_masked_norms,
-                            check_masked_out_inf, check_select, check_select_many, check_update)
+from backend_checks import (CHUNK, DTYPES, MODES, SIZES, STORAGES, check_fallback, check_found_inf,
+                            check_masked_norms, check_masked_out_inf, check_select, check_select_many,
+                            check_stochastic_stores, check_update)
 from backend_parity import assert_matches_reference, cases
 from dps_fast import DPSAdamW, backends
 
@@ -35,15 +36,19 @@ def test_masked_norms_match_reference(dtype):
 
 @pytest.mark.parametrize("isa", kernels.runnable_isas()[1:])
 def test_other_instruction_sets_match_reference(isa):
-    """The kernels built for older CPUs, on this one."""
+    """The kernels built for older CPUs, on this one (stochastic stores one step at a
+    time from identical state: these kernels need not round fp32 as torch's do here)."""
     best = kernels.isa()
     kernels.set_isa(isa)
     try:
-        for _, case in cases(quick=True):
+        for _, case in cases(quick=True, stochastic=False):
             assert_matches_reference("cpu", "cpu", **case)
         for dtype in DTYPES:
             check_update(cpu, "cpu", "freeze", dtype, [(4097,), (37,)])
             check_masked_norms(cpu, "cpu", dtype)
+            for state_format, rounding in STORAGES:
+                check_update(cpu, "cpu", "explore", dtype, [(4097,), (37,)], state_format=state_format,
+                             rounding=rounding)
         check_select(cpu, "cpu", 4097, "signed")
     finally:
         kernels.set_isa(best)
@@ -77,6 +82,14 @@ def test_update_matches_reference(mode, dtype):
     check_update(cpu, "cpu", mode, dtype, [(2 * CHUNK + 37,), (7,), (0,), (1,), (33, 17)])
 
 
+@pytest.mark.parametrize("storage", STORAGES, ids=lambda s: "-".join(s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_update_with_compact_state_and_stochastic_rounding(mode, dtype, storage):
+    state_format, rounding = storage
+    check_update(cpu, "cpu", mode, dtype, [(2 * CHUNK + 37,), (7,), (0,), (1,), (33, 17)], state_format=state_format, rounding=rounding)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_update_with_grad_scaler_and_clip(mode):
     check_update(cpu, "cpu", mode, torch.float32, [(4097,), (7,)], inv_scale=torch.full((), 1 / 1024),
@@ -103,3 +116,7 @@ def test_optimizer_picks_it_and_steps():
         param.grad = torch.randn(100)
         opt.step()
     assert opt.mask(param).sum() >= 70
+
+
+def test_stochastic_stores_are_the_references_to_the_bit():
+    check_stochastic_stores(cpu, "cpu")

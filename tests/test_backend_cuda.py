@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from backend_checks import (DTYPES, MODES, SIZES, check_fallback, check_found_inf, check_masked_norms,
-                            check_masked_out_inf, check_select, check_select_many, check_update)
+from backend_checks import (DTYPES, MODES, SIZES, STORAGES, check_fallback, check_found_inf,
+                            check_masked_norms, check_masked_out_inf, check_select, check_select_many,
+                            check_stochastic_stores, check_update)
 from backend_parity import assert_matches_reference, cases
 from scaler_checks import assert_sync_free_matches_host_synced
 from dps_fast import DPSAdamW, backends, selection
@@ -89,7 +90,8 @@ def test_without_a_driver_it_raises_a_clear_error():
     with pytest.raises(RuntimeError, match="cannot run"):
         module.device_count()
     with pytest.raises(RuntimeError, match="cannot run"):  # checked before any address is touched
-        module.update(0, 0, 0, 0, [1], [1], [1], [1], [], [], [4], [1], [], 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0, 0)
+        module.update(0, 0, 0, 0, 0, False, [1], [1], [1], [1], [], [], [4], [1], [], [], [], [], 1e-3, 0.9, 0.999,
+                      1e-8, 0.0, 0, 0, 0)
     with pytest.raises(RuntimeError, match="cannot run"):
         module.select(0, 0, [1], [1], [4], [1])
     assert reason in cuda_backend.unavailable_reason(torch.device("cuda"))
@@ -194,6 +196,16 @@ def test_select_masks_of_many_tensors():
 def test_update_matches_reference(mode, dtype):
     chunk = KERNELS.update_chunk_entries
     check_update(cuda_backend, "cuda", mode, dtype, [(2 * chunk + 37,), (7,), (0,), (1,), (33, 17), (4097,)])
+
+
+@gpu
+@pytest.mark.parametrize("storage", STORAGES, ids=lambda s: "-".join(s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_update_with_compact_state_and_stochastic_rounding(mode, dtype, storage):
+    chunk = KERNELS.update_chunk_entries
+    check_update(cuda_backend, "cuda", mode, dtype, [(2 * chunk + 37,), (7,), (0,), (1,), (33, 17)],
+                 state_format=storage[0], rounding=storage[1])
 
 
 @gpu
@@ -436,3 +448,8 @@ def test_a_tensor_past_2_to_the_31_entries():
     tail = selection.unpack_mask(mask[(numel - 5000) // 8:].cpu(), ((mask.numel() - (numel - 5000) // 8) * 8,))
     start = (numel - 5000) - (numel - 5000) // 8 * 8
     assert torch.equal(tail[start:start + 5000], tail_bits)
+
+
+@gpu
+def test_stochastic_stores_are_the_references_to_the_bit():
+    check_stochastic_stores(cuda_backend, "cuda")

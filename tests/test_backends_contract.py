@@ -50,8 +50,9 @@ def test_backend_implements_the_contract(name):
 
 @pytest.mark.parametrize("module_name", ["dps_fast._cpu_kernels", "dps_fast._cuda_kernels"])
 def test_compiled_module_codes_are_the_contracts(module_name):
-    """The modes and dtypes a compiled module exports (from dps_math.h's enums) are the
+    """The modes, dtypes and state formats a compiled module exports (from dps_math.h's enums) are the
     codes the Python side passes. The CUDA module imports without a GPU."""
     module = pytest.importorskip(module_name)  # tests/test_build.py says whether it should be built
     assert module.modes == {mode.name: mode.value for mode in contract.Mode}
     assert module.dtypes == {dtype.name: dtype.value for dtype in contract.DType}
+    assert module.state_formats == {code.name: code.value for code in contract.StateFormat}

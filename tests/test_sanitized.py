@@ -19,8 +19,8 @@ n = 4096
 p, g, m, v = (torch.zeros(n) for _ in range(4))
 bits = torch.zeros(8, dtype=torch.uint8)  # 8 bytes for 4096 entries: the kernel reads 504 past the end
 address = lambda t: t.data_ptr()
-cpu._kernels.update(2, 0, [address(p)], [address(g)], [address(m)], [address(v)], [], [address(bits)], [n], [1], [],
-                    1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0, 0, 1)
+cpu._kernels.update(2, 0, 0, False, [address(p)], [address(g)], [address(m)], [address(v)], [], [address(bits)], [n],
+                    [1], [], [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0, 0, 1)
 print("no finding")
 """
 

@@ -5,6 +5,8 @@
 
 #include <string.h>
 
+#include <type_traits>
+
 #ifndef DPS_ISA
 #error "compile with -DDPS_ISA=avx512|avx2|base"
 #endif
@@ -14,32 +16,50 @@ namespace cpu {
 namespace DPS_ISA {
 namespace {
 
+// What a call stores how: S is the state's storage type (float or bf16_t, stored
+// stochastically), SR_PARAM whether a bf16/fp16 parameter is stored stochastically.
+template <typename S, bool SR_PARAM>
+struct Storage {
+  static constexpr bool kStateStochastic = !std::is_same<S, float>::value;
+  static constexpr bool kRandom = kStateStochastic || SR_PARAM;
+};
+
 // One entry; __restrict on the arrays lets the loops below vectorise without alias checks.
-template <int M, bool RESET, typename P>
-inline __attribute__((always_inline)) void entry(P* __restrict p, const P* __restrict g, float* __restrict m,
-                                                 float* __restrict v, float* __restrict s, int64_t i, bool keep,
+// `low` is the low 32 bits of the entry's index in the whole tensor (offset + i), hi_a/hi_b
+// its streams' high-word keys (dps_math.h, entry_bits).
+template <int M, bool RESET, typename P, typename S, bool SR_PARAM>
+inline __attribute__((always_inline)) void entry(P* __restrict p, const P* __restrict g, S* __restrict m,
+                                                 S* __restrict v, S* __restrict s, int64_t i, bool keep,
                                                  float inv_scale, float grad_coef, const Hyper& h,
-                                                 const StepConsts& t) {
+                                                 const StepConsts& t, uint32_t hi_a, uint32_t hi_b, uint32_t low) {
+  using Store = Storage<S, SR_PARAM>;
   float pf = load_value(p[i]);
-  float mf = m[i], vf = v[i];
-  float sf = (M == kExplore && !RESET) ? s[i] : 0.0f;
+  float mf = load_value(m[i]), vf = load_value(v[i]);
+  float sf = (M == kExplore && !RESET) ? load_value(s[i]) : 0.0f;
   dps_entry<M>(pf, load_value(g[i]), mf, vf, sf, keep, RESET, inv_scale, grad_coef, h, t);
-  p[i] = store_value<P>(pf);
-  m[i] = mf;
-  v[i] = vf;
-  if (M == kExplore) s[i] = sf;
+  const EntryBits w = Store::kRandom ? entry_bits(hi_a, hi_b, low) : EntryBits{0u, 0u};
+  p[i] = store_rounded<P, SR_PARAM>(pf, param_bits(w));
+  m[i] = store_rounded<S, Store::kStateStochastic>(mf, exp_avg_bits(w));
+  v[i] = store_rounded<S, Store::kStateStochastic>(vf, exp_avg_sq_bits(w));
+  if (M == kExplore) s[i] = store_rounded<S, Store::kStateStochastic>(sf, score_bits(w));
 }
 
-template <int M, bool RESET, typename P>
-void update_typed(const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
+// Entries [begin, end) of one tensor, whose global indices (a.offset + i) share their high
+// 32 bits (update_typed splits a range where they do not).
+template <int M, bool RESET, typename P, typename S, bool SR_PARAM>
+void update_range(const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
                   const Hyper& h) {
   P* __restrict p = (P*)a.p;
   const P* __restrict g = (const P*)a.g;
-  float* __restrict m = a.m;
-  float* __restrict v = a.v;
-  float* __restrict s = a.s;
+  S* __restrict m = (S*)a.m;
+  S* __restrict v = (S*)a.v;
+  S* __restrict s = (S*)a.s;
   const uint8_t* __restrict mask = a.mask;
   const StepConsts t = a.step;
+  const uint64_t base = (uint64_t)a.offset;
+  const uint32_t high = (uint32_t)((base + (uint64_t)begin) >> 32);
+  const uint32_t hi_a = mix32(a.key_a ^ high), hi_b = mix32(a.key_b ^ high);
+  const uint32_t low = (uint32_t)base;  // + i, mod 2^32: the range shares its high word
   if (M == kExploitGrad || M == kExploitFreeze) {
     // 32 entries share one 32-bit word of the mask: one vector AND per lane group
     int64_t i = begin;
@@ -47,35 +67,69 @@ void update_typed(const TensorArgs& a, int64_t begin, int64_t end, float inv_sca
       uint32_t word;
       memcpy(&word, mask + (i >> 3), 4);
       for (int j = 0; j < 32; ++j)
-        entry<M, RESET, P>(p, g, m, v, s, i + j, (word & (1u << j)) != 0, inv_scale, grad_coef, h, t);
+        entry<M, RESET, P, S, SR_PARAM>(p, g, m, v, s, i + j, (word & (1u << j)) != 0, inv_scale, grad_coef, h, t,
+                                        hi_a, hi_b, low + (uint32_t)(i + j));
     }
     for (; i < end; ++i)
-      entry<M, RESET, P>(p, g, m, v, s, i, (mask[i >> 3] >> (i & 7)) & 1u, inv_scale, grad_coef, h, t);
+      entry<M, RESET, P, S, SR_PARAM>(p, g, m, v, s, i, (mask[i >> 3] >> (i & 7)) & 1u, inv_scale, grad_coef, h, t,
+                                      hi_a, hi_b, low + (uint32_t)i);
   } else {
-    for (int64_t i = begin; i < end; ++i) entry<M, RESET, P>(p, g, m, v, s, i, true, inv_scale, grad_coef, h, t);
+    for (int64_t i = begin; i < end; ++i)
+      entry<M, RESET, P, S, SR_PARAM>(p, g, m, v, s, i, true, inv_scale, grad_coef, h, t, hi_a, hi_b,
+                                      low + (uint32_t)i);
   }
 }
 
-template <typename P>
+template <int M, bool RESET, typename P, typename S, bool SR_PARAM>
+void update_typed(const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
+                  const Hyper& h) {
+  // where the global index crosses a multiple of 2^32 the high word of the random bits changes
+  int64_t split = end;
+  if (Storage<S, SR_PARAM>::kRandom) {
+    const uint64_t first = (uint64_t)a.offset + (uint64_t)begin;
+    const uint64_t next_high = ((first >> 32) + 1) << 32;
+    if (next_high < (uint64_t)a.offset + (uint64_t)end) split = (int64_t)(next_high - (uint64_t)a.offset);
+  }
+  update_range<M, RESET, P, S, SR_PARAM>(a, begin, split, inv_scale, grad_coef, h);
+  if (split < end) update_range<M, RESET, P, S, SR_PARAM>(a, split, end, inv_scale, grad_coef, h);
+}
+
+template <typename P, typename S, bool SR_PARAM>
 void update_mode(int mode, const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
                  const Hyper& h) {
   switch (mode) {
-    case kPlain: return update_typed<kPlain, false, P>(a, begin, end, inv_scale, grad_coef, h);
+    case kPlain: return update_typed<kPlain, false, P, S, SR_PARAM>(a, begin, end, inv_scale, grad_coef, h);
     case kExplore:
-      if (a.reset) return update_typed<kExplore, true, P>(a, begin, end, inv_scale, grad_coef, h);
-      return update_typed<kExplore, false, P>(a, begin, end, inv_scale, grad_coef, h);
-    case kExploitGrad: return update_typed<kExploitGrad, false, P>(a, begin, end, inv_scale, grad_coef, h);
-    case kExploitFreeze: return update_typed<kExploitFreeze, false, P>(a, begin, end, inv_scale, grad_coef, h);
+      if (a.reset) return update_typed<kExplore, true, P, S, SR_PARAM>(a, begin, end, inv_scale, grad_coef, h);
+      return update_typed<kExplore, false, P, S, SR_PARAM>(a, begin, end, inv_scale, grad_coef, h);
+    case kExploitGrad:
+      return update_typed<kExploitGrad, false, P, S, SR_PARAM>(a, begin, end, inv_scale, grad_coef, h);
+    case kExploitFreeze:
+      return update_typed<kExploitFreeze, false, P, S, SR_PARAM>(a, begin, end, inv_scale, grad_coef, h);
   }
 }
 
-// Parameters and gradients share a dtype (autograd guarantees it).
-void update(int mode, int dtype, const TensorArgs& a, int64_t begin, int64_t end, float inv_scale, float grad_coef,
-            const Hyper& h) {
+template <typename P, bool SR_PARAM>
+void update_state(int state_format, int mode, const TensorArgs& a, int64_t begin, int64_t end, float inv_scale,
+                  float grad_coef, const Hyper& h) {
+  if (state_format == kStateBf16) return update_mode<P, bf16_t, SR_PARAM>(mode, a, begin, end, inv_scale, grad_coef, h);
+  return update_mode<P, float, SR_PARAM>(mode, a, begin, end, inv_scale, grad_coef, h);
+}
+
+// Parameters and gradients share a dtype (autograd guarantees it); an fp32 parameter
+// has no stochastic store.
+void update(int mode, int dtype, int state_format, bool stochastic_params, const TensorArgs& a, int64_t begin,
+            int64_t end, float inv_scale, float grad_coef, const Hyper& h) {
   switch (dtype) {
-    case kFloat32: return update_mode<float>(mode, a, begin, end, inv_scale, grad_coef, h);
-    case kBFloat16: return update_mode<bf16_t>(mode, a, begin, end, inv_scale, grad_coef, h);
-    case kFloat16: return update_mode<f16_t>(mode, a, begin, end, inv_scale, grad_coef, h);
+    case kFloat32: return update_state<float, false>(state_format, mode, a, begin, end, inv_scale, grad_coef, h);
+    case kBFloat16:
+      if (stochastic_params)
+        return update_state<bf16_t, true>(state_format, mode, a, begin, end, inv_scale, grad_coef, h);
+      return update_state<bf16_t, false>(state_format, mode, a, begin, end, inv_scale, grad_coef, h);
+    case kFloat16:
+      if (stochastic_params)
+        return update_state<f16_t, true>(state_format, mode, a, begin, end, inv_scale, grad_coef, h);
+      return update_state<f16_t, false>(state_format, mode, a, begin, end, inv_scale, grad_coef, h);
   }
 }
 

@@ -13,8 +13,8 @@ namespace cpu {
 struct Kernels {
   const char* name;
   // entries [begin, end) of one tensor; begin is a multiple of 32
-  void (*update)(int mode, int dtype, const TensorArgs& tensor, int64_t begin, int64_t end, float inv_scale,
-                 float grad_coef, const Hyper& hyper);
+  void (*update)(int mode, int dtype, int state_format, bool stochastic_params, const TensorArgs& tensor,
+                 int64_t begin, int64_t end, float inv_scale, float grad_coef, const Hyper& hyper);
   // radix select's histogram (dps_select.h): add the digit counts of pass `pass` over the
   // candidates in [begin, end) to hist[kBins]
   void (*histogram)(const float* score, int64_t begin, int64_t end, const RadixState& state, int pass,

@@ -72,9 +72,12 @@ void set_isa(const std::string& name) {
 
 float read_scalar(int64_t address, float absent) { return address ? *(const float*)address : absent; }
 
-void update(int mode, int dtype, const UpdateLists& lists, double lr, double beta1, double beta2, double eps,
-            double weight_decay, int64_t grad_coef, int64_t inv_scale, int64_t found_inf, int num_threads) {
-  std::vector<TensorArgs> tensors = make_tensor_args(mode, lists, lr, beta1, beta2, dtype_size(dtype));
+void update(int mode, int dtype, int state_format, bool stochastic_params, const UpdateLists& lists, double lr,
+            double beta1, double beta2, double eps, double weight_decay, int64_t grad_coef, int64_t inv_scale,
+            int64_t found_inf, int num_threads) {
+  const bool random = state_format == kStateBf16 || (stochastic_params && dtype != kFloat32);
+  std::vector<TensorArgs> tensors =
+      make_tensor_args(mode, lists, lr, beta1, beta2, dtype_size(dtype), state_size(state_format), random);
   if (read_scalar(found_inf, 0.0f) != 0.0f) return;  // a skipped GradScaler step writes nothing
   float unscale = read_scalar(inv_scale, 1.0f), coef = read_scalar(grad_coef, 1.0f);
   Hyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay);
@@ -86,8 +89,8 @@ void update(int mode, int dtype, const UpdateLists& lists, double lr, double bet
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t c = 0; c < count; ++c) {
     const TensorArgs& tensor = tensors[chunks[c].tensor];
-    kernels.update(mode, dtype, tensor, (int64_t)chunks[c].index * kChunk, chunk_end(tensor, chunks[c]),
-                   unscale, coef, hyper);
+    kernels.update(mode, dtype, state_format, stochastic_params, tensor, (int64_t)chunks[c].index * kChunk,
+                   chunk_end(tensor, chunks[c]), unscale, coef, hyper);
   }
 }
 
@@ -126,14 +129,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.doc() = "dps_fast CPU kernels (see dps_fast/backends/cpu.py)";
   m.def(
       "update",
-      [](int mode, int dtype, std::vector<int64_t> p, std::vector<int64_t> g, std::vector<int64_t> m_,
-         std::vector<int64_t> v, std::vector<int64_t> s, std::vector<int64_t> mask, std::vector<int64_t> numel,
-         std::vector<int64_t> steps, std::vector<int64_t> reset, double lr, double beta1, double beta2, double eps,
-         double weight_decay, int64_t grad_coef, int64_t inv_scale, int64_t found_inf, int num_threads) {
-        UpdateLists lists{std::move(p), std::move(g), std::move(m_), std::move(v), std::move(s),
-                          std::move(mask), std::move(numel), std::move(steps), std::move(reset)};
-        cpu::update(mode, dtype, lists, lr, beta1, beta2, eps, weight_decay, grad_coef, inv_scale,
-                    found_inf, num_threads);
+      [](int mode, int dtype, int state_format, bool stochastic_params, std::vector<int64_t> p,
+         std::vector<int64_t> g, std::vector<int64_t> m_, std::vector<int64_t> v, std::vector<int64_t> s,
+         std::vector<int64_t> mask, std::vector<int64_t> numel, std::vector<int64_t> steps,
+         std::vector<int64_t> reset, std::vector<int64_t> key_a, std::vector<int64_t> key_b,
+         std::vector<int64_t> offsets, double lr, double beta1, double beta2, double eps, double weight_decay,
+         int64_t grad_coef, int64_t inv_scale, int64_t found_inf, int num_threads) {
+        UpdateLists lists{std::move(p),     std::move(g),     std::move(m_),    std::move(v),
+                          std::move(s),     std::move(mask),  std::move(numel), std::move(steps),
+                          std::move(reset), std::move(key_a), std::move(key_b), std::move(offsets)};
+        cpu::update(mode, dtype, state_format, stochastic_params, lists, lr, beta1, beta2, eps, weight_decay,
+                    grad_coef, inv_scale, found_inf, num_threads);
       },
       "One multi-tensor DPS/AdamW update; addresses of contiguous CPU tensors, 0 for an absent scalar.");
   m.def(

@@ -29,7 +29,8 @@ uint64_t host_waits();
 // `stream` (a cudaStream_t as an integer). grad_coef, inv_scale and found_inf
 // are device addresses of fp32 scalars, or 0 when absent; a nonzero
 // *found_inf makes the kernel write nothing.
-void update(int device, int64_t stream, int mode, int dtype, const std::vector<TensorArgs>& tensors,
+void update(int device, int64_t stream, int mode, int dtype, int state_format, bool stochastic_params,
+            const std::vector<TensorArgs>& tensors,
             const Hyper& hyper, int64_t grad_coef, int64_t inv_scale, int64_t found_inf);
 
 // Adds the squared L2 norm of each grad * mask (of dtype `dtype`) to the

@@ -19,16 +19,22 @@ PYBIND11_MODULE(_cuda_kernels, m) {
   m.doc() = "dps_fast CUDA kernels (see dps_fast/backends/cuda.py)";
   m.def(
       "update",
-      [](int device, int64_t stream, int mode, int dtype, std::vector<int64_t> p, std::vector<int64_t> g,
-         std::vector<int64_t> m_, std::vector<int64_t> v, std::vector<int64_t> s, std::vector<int64_t> mask,
-         std::vector<int64_t> numel, std::vector<int64_t> steps, std::vector<int64_t> reset, double lr, double beta1,
-         double beta2, double eps, double weight_decay, int64_t grad_coef, int64_t inv_scale, int64_t found_inf) {
-        UpdateLists lists{std::move(p), std::move(g), std::move(m_), std::move(v), std::move(s),
-                          std::move(mask), std::move(numel), std::move(steps), std::move(reset)};
-        std::vector<TensorArgs> tensors = make_tensor_args(mode, lists, lr, beta1, beta2, dtype_size(dtype));
+      [](int device, int64_t stream, int mode, int dtype, int state_format, bool stochastic_params,
+         std::vector<int64_t> p, std::vector<int64_t> g, std::vector<int64_t> m_, std::vector<int64_t> v,
+         std::vector<int64_t> s, std::vector<int64_t> mask, std::vector<int64_t> numel, std::vector<int64_t> steps,
+         std::vector<int64_t> reset, std::vector<int64_t> key_a, std::vector<int64_t> key_b,
+         std::vector<int64_t> offsets, double lr, double beta1, double beta2, double eps, double weight_decay,
+         int64_t grad_coef, int64_t inv_scale, int64_t found_inf) {
+        UpdateLists lists{std::move(p),     std::move(g),     std::move(m_),    std::move(v),
+                          std::move(s),     std::move(mask),  std::move(numel), std::move(steps),
+                          std::move(reset), std::move(key_a), std::move(key_b), std::move(offsets)};
+        const bool random = state_format == kStateBf16 || (stochastic_params && dtype != kFloat32);
+        std::vector<TensorArgs> tensors = make_tensor_args(mode, lists, lr, beta1, beta2, dtype_size(dtype),
+                                                           state_size(state_format), random);
         Hyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay);
         py::gil_scoped_release release;
-        cuda::update(device, stream, mode, dtype, tensors, hyper, grad_coef, inv_scale, found_inf);
+        cuda::update(device, stream, mode, dtype, state_format, stochastic_params, tensors, hyper, grad_coef,
+                     inv_scale, found_inf);
       },
       "One launch updating every tensor (addresses of contiguous tensors on `device`), queued on `stream`.");
   m.def(

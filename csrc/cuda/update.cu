@@ -2,6 +2,8 @@
 // chunk table (staging.cuh), the arithmetic of dps_math.h on 4 entries per
 // thread at a time. GradScaler's found_inf and inv_scale and the clip factor
 // are read on the device.
+#include <type_traits>
+
 #include "staging.cuh"
 
 namespace dps {
@@ -29,57 +31,98 @@ __device__ __forceinline__ void load4(const T* p, float out[4]) {
   e.bits = (uint16_t)(x.y & 0xffffu), out[2] = load_value(e);
   e.bits = (uint16_t)(x.y >> 16), out[3] = load_value(e);
 }
-template <typename T>
-__device__ __forceinline__ void store4(T* p, const float in[4]) {
-  uint2 x;
-  x.x = (uint32_t)store_value<T>(in[0]).bits | ((uint32_t)store_value<T>(in[1]).bits << 16);
-  x.y = (uint32_t)store_value<T>(in[2]).bits | ((uint32_t)store_value<T>(in[3]).bits << 16);
-  *reinterpret_cast<uint2*>(p) = x;
-}
+// 4 entries stored as T: to nearest, or stochastically with 16 random bits each.
+template <typename T, bool STOCHASTIC>
+struct Store4 {
+  static __device__ __forceinline__ void store(T* p, const float in[4], const uint32_t r16[4]) {
+    uint2 x;
+    x.x = (uint32_t)store_rounded<T, STOCHASTIC>(in[0], r16[0]).bits |
+          ((uint32_t)store_rounded<T, STOCHASTIC>(in[1], r16[1]).bits << 16);
+    x.y = (uint32_t)store_rounded<T, STOCHASTIC>(in[2], r16[2]).bits |
+          ((uint32_t)store_rounded<T, STOCHASTIC>(in[3], r16[3]).bits << 16);
+    *reinterpret_cast<uint2*>(p) = x;
+  }
+};
+template <bool STOCHASTIC>
+struct Store4<float, STOCHASTIC> {  // fp32 is stored as computed
+  static __device__ __forceinline__ void store(float* p, const float in[4], const uint32_t*) { store4(p, in); }
+};
 
-// Entries [begin, end) of one tensor; each thread takes 4 consecutive entries
-// (one vector access per array) at a time.
-template <int M, bool RESET, typename P>
+// S: the state's storage (float, or bf16_t stored stochastically); SR_PARAM: a bf16/fp16
+// parameter stored stochastically. The random bits are those of dps_math.h (entry_bits).
+template <typename S, bool SR_PARAM>
+struct Storage {
+  static constexpr bool kStateStochastic = !std::is_same<S, float>::value;
+  static constexpr bool kRandom = kStateStochastic || SR_PARAM;
+};
+
+// Entries [begin, end) of one tensor, whose global indices (a.offset + i) share their high
+// 32 bits; each thread takes 4 consecutive entries (one vector access per array) at a time.
+template <int M, bool RESET, typename P, typename S, bool SR_PARAM>
 __device__ __forceinline__ void update_range(const TensorArgs& a, int64_t begin, int64_t end, float unscale,
                                              float coef, const Hyper& h) {
+  using Store = Storage<S, SR_PARAM>;
   P* __restrict__ p = (P*)a.p;
   const P* __restrict__ g = (const P*)a.g;
-  float* __restrict__ m = a.m;
-  float* __restrict__ v = a.v;
-  float* __restrict__ s = a.s;
+  S* __restrict__ m = (S*)a.m;
+  S* __restrict__ v = (S*)a.v;
+  S* __restrict__ s = (S*)a.s;
+  const uint64_t base = (uint64_t)a.offset;
+  const uint32_t high = (uint32_t)((base + (uint64_t)begin) >> 32);
+  const uint32_t hi_a = Store::kRandom ? mix32(a.key_a ^ high) : 0u;
+  const uint32_t hi_b = Store::kRandom ? mix32(a.key_b ^ high) : 0u;
+  const uint32_t low = (uint32_t)base;  // + i, mod 2^32: the range shares its high word
   for (int64_t i = begin + 4 * (int64_t)threadIdx.x; i < end; i += 4 * (int64_t)kThreads) {
     uint32_t bits = 0xfu;  // i is a multiple of 4: its 4 mask bits share a byte
     if (M == kExploitGrad || M == kExploitFreeze) bits = (uint32_t)a.mask[i >> 3] >> (i & 7);
     if (a.aligned && i + 4 <= end) {
       float pv[4], gv[4], mv[4], vv[4], sv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      uint32_t rp[4], rm[4], rv[4], rs[4];
       load4(p + i, pv);
       load4(g + i, gv);
       load4(m + i, mv);
       load4(v + i, vv);
       if (M == kExplore && !RESET) load4(s + i, sv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 4; ++j) {
         dps_entry<M>(pv[j], gv[j], mv[j], vv[j], sv[j], (bits >> j) & 1u, RESET, unscale, coef, h, a.step);
-      store4(p + i, pv);
-      store4(m + i, mv);
-      store4(v + i, vv);
-      if (M == kExplore) store4(s + i, sv);
+        const EntryBits w = Store::kRandom ? entry_bits(hi_a, hi_b, low + (uint32_t)(i + j)) : EntryBits{0u, 0u};
+        rp[j] = param_bits(w), rm[j] = exp_avg_bits(w), rv[j] = exp_avg_sq_bits(w), rs[j] = score_bits(w);
+      }
+      Store4<P, SR_PARAM>::store(p + i, pv, rp);
+      Store4<S, Store::kStateStochastic>::store(m + i, mv, rm);
+      Store4<S, Store::kStateStochastic>::store(v + i, vv, rv);
+      if (M == kExplore) Store4<S, Store::kStateStochastic>::store(s + i, sv, rs);
     } else {
       for (int j = 0; j < 4 && i + j < end; ++j) {
         const int64_t k = i + j;
-        float pk = load_value(p[k]), mk = m[k], vk = v[k];
-        float sk = (M == kExplore && !RESET) ? s[k] : 0.0f;
+        float pk = load_value(p[k]), mk = load_value(m[k]), vk = load_value(v[k]);
+        float sk = (M == kExplore && !RESET) ? load_value(s[k]) : 0.0f;
         dps_entry<M>(pk, load_value(g[k]), mk, vk, sk, (bits >> j) & 1u, RESET, unscale, coef, h, a.step);
-        p[k] = store_value<P>(pk);
-        m[k] = mk;
-        v[k] = vk;
-        if (M == kExplore) s[k] = sk;
+        const EntryBits w = Store::kRandom ? entry_bits(hi_a, hi_b, low + (uint32_t)k) : EntryBits{0u, 0u};
+        p[k] = store_rounded<P, SR_PARAM>(pk, param_bits(w));
+        m[k] = store_rounded<S, Store::kStateStochastic>(mk, exp_avg_bits(w));
+        v[k] = store_rounded<S, Store::kStateStochastic>(vk, exp_avg_sq_bits(w));
+        if (M == kExplore) s[k] = store_rounded<S, Store::kStateStochastic>(sk, score_bits(w));
       }
     }
   }
 }
 
-template <int M, typename P>
+// A chunk's entries, split where their global index crosses a multiple of 2^32.
+template <int M, bool RESET, typename P, typename S, bool SR_PARAM>
+__device__ __forceinline__ void update_chunk(const TensorArgs& a, int64_t begin, int64_t end, float unscale,
+                                             float coef, const Hyper& h) {
+  int64_t split = end;
+  if (Storage<S, SR_PARAM>::kRandom) {
+    const uint64_t next_high = ((((uint64_t)a.offset + (uint64_t)begin) >> 32) + 1) << 32;
+    if (next_high < (uint64_t)a.offset + (uint64_t)end) split = (int64_t)(next_high - (uint64_t)a.offset);
+  }
+  update_range<M, RESET, P, S, SR_PARAM>(a, begin, split, unscale, coef, h);
+  if (split < end) update_range<M, RESET, P, S, SR_PARAM>(a, split, end, unscale, coef, h);
+}
+
+template <int M, typename P, typename S, bool SR_PARAM>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const TensorArgs* __restrict__ tensors, const Chunk* __restrict__ chunks, int nchunks, Hyper h,
                   const float* grad_coef, const float* inv_scale, const float* found_inf) {
@@ -92,18 +135,19 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t begin = (int64_t)chunk.index * kUpdateChunk;
     const int64_t end = min64(begin + kUpdateChunk, a.numel);
     if (M == kExplore && a.reset)
-      update_range<M, true, P>(a, begin, end, unscale, coef, h);
+      update_chunk<M, true, P, S, SR_PARAM>(a, begin, end, unscale, coef, h);
     else
-      update_range<M, false, P>(a, begin, end, unscale, coef, h);
+      update_chunk<M, false, P, S, SR_PARAM>(a, begin, end, unscale, coef, h);
   }
 }
 
-template <typename P>
+template <typename P, typename S, bool SR_PARAM>
 void launch_update(int mode, int grid, cudaStream_t stream, const TensorArgs* tensors, const Chunk* chunks,
                    int nchunks, const Hyper& h, const float* grad_coef, const float* inv_scale,
                    const float* found_inf) {
-#define DPS_LAUNCH(M) \
-  update_kernel<M, P><<<grid, kThreads, 0, stream>>>(tensors, chunks, nchunks, h, grad_coef, inv_scale, found_inf)
+#define DPS_LAUNCH(M)                                                                                        \
+  update_kernel<M, P, S, SR_PARAM><<<grid, kThreads, 0, stream>>>(tensors, chunks, nchunks, h, grad_coef, \
+                                                                  inv_scale, found_inf)
   switch (mode) {
     case kPlain: DPS_LAUNCH(kPlain); break;
     case kExplore: DPS_LAUNCH(kExplore); break;
@@ -114,18 +158,37 @@ void launch_update(int mode, int grid, cudaStream_t stream, const TensorArgs* te
 #undef DPS_LAUNCH
 }
 
+// The launch for the parameter type P, the state format and the parameter rounding
+// (an fp32 parameter has no stochastic store).
+template <typename P>
+void launch_storage(int state_format, bool stochastic_params, int mode, int grid, cudaStream_t stream,
+                    const TensorArgs* tensors, const Chunk* chunks, int nchunks, const Hyper& h,
+                    const float* grad_coef, const float* inv_scale, const float* found_inf) {
+  const bool sr = stochastic_params && !std::is_same<P, float>::value;
+  if (state_format == kStateBf16) {
+    if (sr) return launch_update<P, bf16_t, true>(mode, grid, stream, tensors, chunks, nchunks, h, grad_coef,
+                                                  inv_scale, found_inf);
+    return launch_update<P, bf16_t, false>(mode, grid, stream, tensors, chunks, nchunks, h, grad_coef, inv_scale,
+                                           found_inf);
+  }
+  if (sr) return launch_update<P, float, true>(mode, grid, stream, tensors, chunks, nchunks, h, grad_coef,
+                                               inv_scale, found_inf);
+  launch_update<P, float, false>(mode, grid, stream, tensors, chunks, nchunks, h, grad_coef, inv_scale, found_inf);
+}
+
 }  // namespace
 
-void update(int device, int64_t stream_handle, int mode, int dtype, const std::vector<TensorArgs>& tensors,
-            const Hyper& hyper, int64_t grad_coef, int64_t inv_scale, int64_t found_inf) {
+void update(int device, int64_t stream_handle, int mode, int dtype, int state_format, bool stochastic_params,
+            const std::vector<TensorArgs>& tensors, const Hyper& hyper, int64_t grad_coef, int64_t inv_scale,
+            int64_t found_inf) {
   ensure_ready();
   cudaStream_t stream = (cudaStream_t)stream_handle;
   with_tables(device, stream, tensors, kUpdateChunk,
               [&](const TensorArgs* table, const Chunk* chunks, int nchunks, int grid) {
                 with_dtype(dtype, [&](auto type) {
-                  launch_update<typename decltype(type)::type>(mode, grid, stream, table, chunks, nchunks, hyper,
-                                                               (const float*)grad_coef, (const float*)inv_scale,
-                                                               (const float*)found_inf);
+                  launch_storage<typename decltype(type)::type>(
+                      state_format, stochastic_params, mode, grid, stream, table, chunks, nchunks, hyper,
+                      (const float*)grad_coef, (const float*)inv_scale, (const float*)found_inf);
                 });
                 check(cudaGetLastError(), "launching the update kernel");
               });

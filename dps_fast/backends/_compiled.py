@@ -15,6 +15,8 @@ import operator
 import torch
 
 from .. import param_state, selection
+from .. import rounding as rounding_bits
+from .. import state_format as formats
 from . import contract, reference
 
 DTYPE_CODES = contract.TORCH_DTYPES  # the parameter dtypes the kernels take
@@ -43,9 +45,10 @@ def load(module_name, path=None):
 def _split(params, grads, state_lists):
     """{dtype: indices} of the tensors the kernels take (None: all of them, the
     usual case, found with a few C-level passes), and the indices they do not:
-    a parameter of another dtype (float64), a gradient of another dtype than its
-    parameter, or any tensor of the entry (param, grad, moments, score, mask)
-    that is not contiguous. dps_fast.param_state.check_update has checked the shapes."""
+    a parameter of another dtype (float64, whose state is float64 in every
+    format), a gradient of another dtype than its parameter, or any tensor of
+    the entry (param, grad, moments, score, mask) that is not contiguous.
+    dps_fast.param_state.check_update has checked the shapes and dtypes."""
     dtypes = list(map(_dtype, params))
     first = dtypes[0]
     if (first in DTYPE_CODES and dtypes.count(first) == len(dtypes) and list(map(_dtype, grads)) == dtypes
@@ -74,39 +77,53 @@ def update_function(place):
     """A compiled backend's update, with the contract's signature (contract.Backend.update):
     reference.update's result, run by the kernels where they take the tensors.
     `place(params)` is (launch, device) for the call: the scalars go to `device`, and
-    launch(mode, dtype, lists, hyper, scalars) runs once per dtype, `lists` being the
-    kernels' per-tensor address lists."""
+    launch(mode, dtype, storage, lists, hyper, scalars) runs once per dtype, `storage`
+    being (state format code, stochastic parameter stores) and `lists` the kernels'
+    per-tensor lists (addresses, sizes, steps, and the random bits' keys and offsets)."""
     def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
-               inv_scale=None, found_inf=None):
+               inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None):
         """reference.update's contract (dps_fast.backends.contract.Backend.update)."""
         if not params:
             return
         launch, device = place(params)
-        param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks, device=device)
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-        kernel_hyper = dict(hyper, lr=float(lr))  # the kernels take lr's value; the reference takes lr as given
+        param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks, device=device,
+                                 state_format=state_format)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                     state_format=state_format, rounding=rounding)
+        kernel_hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)  # lr's value
         scalars = [_scalar(value, device) for value in (grad_coef, inv_scale, found_inf)]
         mode = contract.mode_of(scores, masks, freeze)
         state_lists = [exp_avgs, exp_avg_sqs] + [t for t in (scores, masks) if t is not None]
+        format = formats.of(state_format)
         by_dtype, others = _split(params, grads, state_lists)
         for dtype, indices in by_dtype.items():
             if indices is None:
                 pick = lambda values: values  # noqa: E731
             else:
                 pick = lambda values: [values[i] for i in indices]  # noqa: E731
+            keys, picked_offsets = [[], []], []
+            if formats.needs_random_bits(format, rounding, params[0 if indices is None else indices[0]]):
+                picked_seeds = pick(seeds) if seeds is not None else [None]
+                if None in picked_seeds:
+                    raise ValueError(f"state_format={state_format!r}, rounding={rounding!r}: every tensor needs its "
+                                     "seed")
+                streams = [rounding_bits.stream_keys(seed, step) for seed, step in zip(picked_seeds, pick(steps))]
+                keys = [[key[0] for key in streams], [key[1] for key in streams]]
+                picked_offsets = pick(offsets) if offsets is not None else [0] * len(streams)
             lists = [list(map(_data_ptr, pick(params))), list(map(_data_ptr, pick(grads))),
                      list(map(_data_ptr, pick(exp_avgs))), list(map(_data_ptr, pick(exp_avg_sqs))),
                      list(map(_data_ptr, pick(scores))) if scores is not None else [],
                      list(map(_data_ptr, pick(masks))) if masks is not None and scores is None else [],
                      list(map(_numel, pick(params))), pick(steps),
-                     pick(reset_scores) if scores is not None else []]
+                     pick(reset_scores) if scores is not None else [], *keys, picked_offsets]
             addresses = [0 if scalar is None else scalar.data_ptr() for scalar in scalars]
-            launch(int(mode), int(DTYPE_CODES[dtype]), lists, kernel_hyper, addresses)
+            launch(int(mode), int(DTYPE_CODES[dtype]), (format.code, rounding == "stochastic"), lists, kernel_hyper,
+                   addresses)
         if others:
             reference.update_some(others, params, grads, exp_avgs, exp_avg_sqs, steps, **hyper, grad_coef=grad_coef,
                                   scores=scores, reset_scores=reset_scores, masks=masks, freeze=freeze,
-                                  inv_scale=inv_scale, found_inf=found_inf)
+                                  inv_scale=inv_scale, found_inf=found_inf, seeds=seeds, offsets=offsets)
     return update
 
 

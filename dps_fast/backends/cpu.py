@@ -40,8 +40,8 @@ def _module():
     return _kernels
 
 
-def _launch_update(mode, dtype, lists, hyper, scalars):
-    _module().update(mode, dtype, *lists, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+def _launch_update(mode, dtype, storage, lists, hyper, scalars):
+    _module().update(mode, dtype, *storage, *lists, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
                      hyper["weight_decay"], *scalars, torch.get_num_threads())
 
 

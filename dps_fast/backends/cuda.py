@@ -48,8 +48,8 @@ def _place_update(params):
     device = params[0].device
     index, stream = _place(device)
 
-    def launch(mode, dtype, lists, hyper, scalars):
-        _module().update(index, stream, mode, dtype, *lists, hyper["lr"], hyper["beta1"], hyper["beta2"],
+    def launch(mode, dtype, storage, lists, hyper, scalars):
+        _module().update(index, stream, mode, dtype, *storage, *lists, hyper["lr"], hyper["beta1"], hyper["beta2"],
                          hyper["eps"], hyper["weight_decay"], *scalars)
 
     return launch, device
