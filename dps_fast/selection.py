@@ -33,6 +33,29 @@ _SIGN = 1 << 31
 _ALL = (1 << 32) - 1
 
 
+# A selection kernel reads fp32 scores: bf16 ones (state_dtype="bf16") are converted first, at most
+# this many entries at a time, so that the copies of a stage boundary stay small (64 MB) however
+# large the model (dps_fast.state_format).
+CONVERSION_ENTRIES = 1 << 24
+
+
+def batches(scores):
+    """Lists of indices into `scores`, one selection call each: fp32 scores together (the
+    kernels read them in place), others in runs of at most CONVERSION_ENTRIES entries (a
+    larger tensor alone)."""
+    fp32 = [i for i, score in enumerate(scores) if score.dtype == torch.float32]
+    out, run, size = [fp32] if fp32 else [], [], 0
+    for i, score in enumerate(scores):
+        if score.dtype == torch.float32:
+            continue
+        if run and size + score.numel() > CONVERSION_ENTRIES:
+            out.append(run)
+            run, size = [], 0
+        run.append(i)
+        size += score.numel()
+    return out + ([run] if run else [])
+
+
 def kept_count(numel: int, sparsity: float) -> int:
     """k = ceil(numel * (1 - sparsity)), computed on the decimal value of
     `sparsity` so that e.g. 10 entries at sparsity 0.3 keep exactly 7."""

@@ -67,3 +67,21 @@ def test_mix_normalised_score_divides_by_the_keep_count_and_damps_long_stages():
     assert torch.equal(selection.mix_normalised_score(score, count, 10), torch.tensor([[2.0, 4.0]]))
     damped = selection.mix_normalised_score(score, count, 50)
     assert torch.allclose(damped, torch.tensor([[2.0 * math.exp(-2 / 50), 4.0]]))
+
+
+def test_bf16_scores_are_selected_a_batch_at_a_time(monkeypatch):
+    """A compiled selection converts bf16 scores to fp32 a bounded batch at a time
+    (selection.batches); the masks are the reference's, fp32 scores among them or not."""
+    from dps_fast import backends
+    from dps_fast.backends import reference
+
+    monkeypatch.setattr(selection, "CONVERSION_ENTRIES", 100)
+    generator = torch.Generator().manual_seed(0)
+    scores = [(torch.rand(n, generator=generator) * 4).round().to(dtype) for n, dtype in
+              ((70, torch.bfloat16), (50, torch.bfloat16), (300, torch.bfloat16), (33, torch.float32),
+               (0, torch.bfloat16), (90, torch.bfloat16))]
+    assert selection.batches(scores) == [[3], [0], [1], [2], [4, 5]]  # the fp32 one, then runs of <= 100 entries
+    want = reference.select_masks(scores, 0.3)
+    for name in backends.available("cpu"):
+        got = backends.resolve(name, "cpu").select_masks(scores, 0.3)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), name

@@ -150,13 +150,14 @@ def masked_norms(launch, grads, masks, device):
 def select_masks(launch, scores, sparsity, device):
     """Packed masks of `scores` (see dps_fast.selection), computed by
     launch(score_addresses, mask_addresses, numels, ks) over fp32 contiguous scores
-    on `device`, the one the kernels run on."""
+    on `device`, the one the kernels run on (bf16 scores converted a batch at a time:
+    selection.batches)."""
     param_state.check_device(scores, device, "scores")
-    scores = [score.to(torch.float32).contiguous() for score in scores]  # no copy when already so
     masks = [torch.empty(selection.packed_size(score.numel()), dtype=torch.uint8, device=score.device)
              for score in scores]
-    numels = list(map(_numel, scores))
-    if scores:
-        launch(list(map(_data_ptr, scores)), list(map(_data_ptr, masks)), numels,
+    for batch in selection.batches(scores):
+        ready = [scores[i].to(torch.float32).contiguous() for i in batch]  # no copy when already so
+        numels = list(map(_numel, ready))
+        launch(list(map(_data_ptr, ready)), [masks[i].data_ptr() for i in batch], numels,
                [selection.kept_count(n, sparsity) for n in numels])
     return masks

@@ -106,9 +106,15 @@ def select_masks(scores, sparsity):
         param_state.check_device(scores, scores[0].device, "scores")
     masks = [torch.empty(selection.packed_size(score.numel()), dtype=torch.uint8, device=score.device)
              for score in scores]
-    live = [i for i, score in enumerate(scores) if score.numel()]
-    if not live:
-        return masks
+    for batch in selection.batches(scores):  # bf16 scores converted a batch at a time
+        live = [i for i in batch if scores[i].numel()]
+        if live:
+            _select_batch(scores, masks, live, sparsity)
+    return masks
+
+
+def _select_batch(scores, masks, live, sparsity):
+    """masks[i] of scores[i] for every i in `live` (non-empty scores): one launch of each kernel."""
     device = scores[live[0]].device
     ready = addressable([scores[i].float() for i in live])
     numels = [score.numel() for score in ready]
@@ -125,4 +131,3 @@ def select_masks(scores, sparsity):
                                            BLOCK=block, num_warps=num_warps)
             _narrow_kernel[(len(live),)](hist[pass_], state, num_warps=1)
         _pack_kernel[(n_chunks,)](rows, owners, state, CHUNK=CHUNK, BLOCK=block, num_warps=num_warps)
-    return masks
