@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dps_fast import backends
-from dps_fast.bench import bytes_model, cases, cli, runner, weights
+from dps_fast.bench import bytes_model, cases, cli, report, runner, weights
 from dps_fast.cli import main
 
 TINY = ["--scale", "0.0003", "--train", "1,32,2,64,2,8", "--min-reps", "1", "--max-reps", "1",
@@ -27,8 +27,8 @@ def one_thread():
 def bench_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     threads = torch.get_num_threads()
-    try:  # one thread: fast and steady on a busy machine
-        assert main(["bench", *TINY, "--json", str(path)]) == 0
+    try:  # one thread: fast and steady on a busy machine; the memory section: test_memory_rows
+        assert main(["bench", *TINY, "--sections", "step,boundary,train", "--json", str(path)]) == 0
     finally:
         torch.set_num_threads(threads)
     return path
@@ -63,6 +63,8 @@ def test_rows_move_the_bytes_of_the_one_model(bench_json):
         elif row["section"] == "boundary":
             assert row["bytes"] == bytes_model.select_bytes(managed)
     assert bytes_model.step_bytes(1, 0, "explore") == 36 and bytes_model.step_bytes(1, 0, "exploit") == 28.125
+    # bf16 parameters and bf16 state: 2 bytes a pass; AdamW's bf16 step (its moments bf16 too) moves 14
+    assert bytes_model.step_bytes(1, 0, "explore", 2, 2) == 18 and bytes_model.step_bytes(0, 1, "dense", 2, 2) == 14
 
 
 def test_bench_report_and_plot_from_json(bench_json, tmp_path, capsys):
@@ -212,3 +214,40 @@ def test_from_json_checks_the_content(content, words, tmp_path, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --from-json: {path} is not a dps-fast bench result" in err and words in err, err
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_memory_rows(param_dtype, capsys, one_thread):
+    """The memory section's numbers: state bytes per parameter from the optimizer's state
+    (DPS: two moments, a score and a mask bit on the managed entries), the peak at least
+    that; a row runs in its own process and renders in the table."""
+    from dps_fast.bench import memory
+
+    torch.set_num_threads(1)
+    item = 4 if param_dtype == "fp32" else 2
+    adamw = memory.measure("AdamW", param_dtype, 0.0003, "cpu")
+    assert adamw["state_bytes_per_param"] == pytest.approx(2 * item, abs=1e-3)  # moments in the param dtype
+    for state_dtype, per_entry in (("fp32", 4), ("bf16", 2)):
+        dps = memory.measure(f"dps_fast {state_dtype} state", param_dtype, 0.0003, "cpu")
+        assert 2 * per_entry < dps["state_bytes_per_param"] <= 3 * per_entry + 1 / 8
+    # in a fresh process (3M parameters: well above the page granularity) the peak holds the state
+    row = memory.row("cpu", "dps_fast bf16 state", param_dtype, 0.01)
+    assert row["section"] == "memory" and 6.0 < row["state_bytes_per_param"] <= 6.125
+    assert row["peak_bytes_per_param"] >= row["state_bytes_per_param"]
+    meta = dict(date="", torch="")
+    devices = {"cpu": dict(name="cpu", copy_gbps=1.0, weight_set="w", params=1, managed=1, train_config="t")}
+    text = report.format_table(dict(meta=meta, devices=devices, rows=[row], sweep=[]))
+    assert "optimizer state memory" in text and "dps_fast bf16 state" in text
+
+
+def test_bf16_rows_per_state_format(tmp_path, one_thread):
+    """--dtype bf16 --state-dtype fp32,bf16: AdamW on bf16 tensors, a dps_fast row per format."""
+    path = tmp_path / "bf16.json"
+    assert main(["bench", *TINY, "--sections", "step", "--backends", "torch", "--dtype", "bf16", "--state-dtype",
+                 "fp32,bf16", "--rounding", "stochastic", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["meta"]["dtype"] == "bfloat16" and result["meta"]["state_dtypes"] == ["fp32", "bf16"]
+    rows = {(r["method"], r["phase"]): r for r in result["rows"]}
+    assert rows["AdamW fused", "dense"]["state_bytes_per_param"] == pytest.approx(4.0, abs=1e-3)
+    assert rows["dps_fast[torch] bf16 state", "exploit"]["state_bytes_per_param"] < 6.2
+    assert rows["dps_fast[torch]", "exploit"]["state_bytes_per_param"] > 12

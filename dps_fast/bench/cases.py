@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import backends
+from .. import backends, state_format
 from ..groups import param_groups
 from ..optimizer import DPSAdamW
 from ..published import PublishedDPS
@@ -50,7 +50,8 @@ from . import bytes_model
 from .weights import parameter_counts
 
 # The sections of the bench, in table order: what their rows time.
-SECTION_TITLES = {"step": "optimizer step", "boundary": "stage boundary (selection)", "train": "whole training step"}
+SECTION_TITLES = {"step": "optimizer step", "boundary": "stage boundary (selection)", "train": "whole training step",
+                  "memory": "optimizer state memory"}  # memory: bench/memory.py
 SPARSITY = 0.3
 # A stage far longer than any run, so that repetitions never leave it.
 STAGE_STEPS = 10**9
@@ -66,6 +67,7 @@ class Case:
     method: str
     operation: str
     backend: Optional[str] = None  # the dps_fast backend, for dps_fast rows
+    state_dtype: str = "fp32"  # DPSAdamW's state format (dps_fast.state_format), for dps_fast rows
 
     @property
     def id(self):
@@ -105,30 +107,38 @@ def adamw_variants(device):
     return dict(_adamw_variants(str(torch.device(device))))
 
 
-def cases(device, backend_names=None, sections=tuple(SECTION_TITLES), adamw=None):
+def dps_label(backend, state_dtype="fp32"):
+    """The method label of a dps_fast row: "dps_fast[cpu]", "dps_fast[cpu] bf16 state"."""
+    return f"dps_fast[{backend}]" + ("" if state_dtype == "fp32" else f" {state_dtype} state")
+
+
+def cases(device, backend_names=None, sections=tuple(SECTION_TITLES), adamw=None, state_dtypes=("fp32",)):
     """Every case for `device`, in table order. backend_names: the dps_fast
-    backends to include (default: all available on `device`)."""
+    backends to include (default: all available on `device`); state_dtypes: the
+    state formats of the dps_fast rows (each backend gets a row per format)."""
     device = str(torch.device(device))
     names = backends.available(device)
     if backend_names is not None:
         names = [n for n in names if n in backend_names]
     adamw = adamw_variants(device) if adamw is None else adamw
+    dps = [(name, state) for name in names for state in state_dtypes]
     out = []
     if "step" in sections:
         out += [Case(device, "step", label, "dense") for label in adamw]
         out += [Case(device, "step", "published DPS", phase) for phase in ("explore", "exploit")]
-        for name in names:
-            out += [Case(device, "step", f"dps_fast[{name}]", phase, name)
+        for name, state in dps:
+            out += [Case(device, "step", dps_label(name, state), phase, name, state)
                     for phase in ("explore", "exploit", "exploit freeze")]
     if "boundary" in sections:
         out.append(Case(device, "boundary", "published DPS", "select"))
-        out += [Case(device, "boundary", f"dps_fast[{name}]", "select", name) for name in names]
+        out += [Case(device, "boundary", dps_label(name, state), "select", name, state) for name, state in dps]
     if "train" in sections:
         out += [Case(device, "train", label, "dense") for label in ("AdamW default", "AdamW fused")
                 if label == "AdamW default" or label in adamw]
         out += [Case(device, "train", "published DPS", phase) for phase in ("explore", "exploit")]
-        for name in names:
-            out += [Case(device, "train", f"dps_fast[{name}]", phase, name) for phase in ("explore", "exploit")]
+        for name, state in dps:
+            out += [Case(device, "train", dps_label(name, state), phase, name, state)
+                    for phase in ("explore", "exploit")]
     return out
 
 
@@ -164,13 +174,15 @@ def prepare(case, workload):
     if case.section == "boundary":
         if case.method == "published DPS":
             prepared = _published_boundary(model)
-        else:
-            scores = [p.grad * p.grad for p in model.parameters() if p.dim() == 2]
+        else:  # the scores as this state format stores them
+            score_dtype = state_format.of(case.state_dtype).dtype
+            scores = [(p.grad.float() ** 2).to(score_dtype) for p in model.parameters() if p.dim() == 2]
             select = backends.resolve(case.backend, workload.device).select_masks
             prepared = Prepared(run=lambda: select(scores, SPARSITY))
         prepared.timed_params, prepared.model_params = managed, params
         prepared.bytes_moved = bytes_model.select_bytes(managed)
         return prepared
+    state_bytes = workload.dtype.itemsize  # torch.optim.AdamW keeps its moments in the parameter's dtype
     if case.method.startswith("AdamW"):
         optimizer = torch.optim.AdamW(_groups(model, False), **adamw_variants(workload.device)[case.method])
         optimizer.step()  # creates the state
@@ -178,8 +190,10 @@ def prepare(case, workload):
     elif case.method == "published DPS":
         prepared = _published_step(model, case.operation)
     else:
+        state_bytes = state_format.of(case.state_dtype).dtype.itemsize
         optimizer = DPSAdamW(_groups(model), stage_steps=STAGE_STEPS, backend=case.backend,
-                             masked="freeze" if case.operation == "exploit freeze" else "grad")
+                             masked="freeze" if case.operation == "exploit freeze" else "grad",
+                             state_dtype=case.state_dtype, rounding=workload.rounding)
         optimizer.step()  # step 1: state and scores
         start = 1 if case.operation == "explore" else STAGE_STEPS  # next: step 2, or step T + 1 (selects)
         _set_dps_step(optimizer, start)
@@ -187,7 +201,8 @@ def prepare(case, workload):
         prepared = Prepared(run=optimizer.step, setup=lambda: _set_dps_step(optimizer, start),
                             state_bytes=_state_bytes(optimizer.state))
     prepared.timed_params, prepared.model_params = params, params
-    prepared.bytes_moved = bytes_model.step_bytes(managed, plain, case.operation)
+    prepared.bytes_moved = bytes_model.step_bytes(managed, plain, case.operation, workload.dtype.itemsize,
+                                                  state_bytes)
     return prepared
 
 
@@ -254,7 +269,7 @@ def _prepare_train(case, workload):
     config, device = workload.train_config, workload.device
     torch.manual_seed(workload.seed)
     model = TinyEncoder(vocab=config.vocab, dim=config.dim, layers=config.layers, heads=config.heads,
-                        classes=2, length=config.seq).to(device)
+                        classes=2, length=config.seq).to(device, workload.dtype)
     tokens = torch.randint(0, config.vocab, (config.batch, config.seq), device=device)
     labels = torch.randint(0, 2, (config.batch,), device=device)
     params = [p for p in model.parameters()]
@@ -278,7 +293,8 @@ def _prepare_train(case, workload):
             def setup():
                 optimizer.steps = start
         else:
-            optimizer = DPSAdamW(_groups(model), stage_steps=STAGE_STEPS, backend=case.backend)
+            optimizer = DPSAdamW(_groups(model), stage_steps=STAGE_STEPS, backend=case.backend,
+                                 state_dtype=case.state_dtype, rounding=workload.rounding)
             states, close = (optimizer.state,), None
 
             def setup():

@@ -19,6 +19,8 @@ from .weights import DEFAULT_SCALE, TrainConfig, weight_set_params
 # Peak bytes per weight-set parameter, about: weights and gradients, one
 # row's optimizer state (moments and scores) and its baseline's moments.
 PEAK_BYTES_PER_PARAM = 32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STATE_DTYPES = ("fp32", "bf16")  # dps_fast.state_format.NAMES
 
 
 def _items(text):
@@ -88,6 +90,13 @@ def add_arguments(parser):
     parser.add_argument("--train", type=_train_config, default=None, metavar="LAYERS,DIM,HEADS,VOCAB,BATCH,SEQ",
                         help="encoder of the training-step rows (default: 4,256,4,1024,8,64 on CPU; "
                              "24,1024,16,30522,16,128 (BERT-large) on CUDA)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="parameters and gradients of every row (AdamW's moments follow them; default fp32)")
+    parser.add_argument("--state-dtype", type=_names(STATE_DTYPES, "state format"), default=["fp32"],
+                        help=f"comma-separated DPSAdamW state formats, a dps_fast row each, of "
+                             f"{','.join(STATE_DTYPES)} (default fp32)")
+    parser.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
+                        help="DPSAdamW's rounding of bf16 parameters (default nearest)")
     parser.add_argument("--threads", type=arguments.number(int, 1), default=None,
                         help="CPU threads for torch (default: torch's choice, usually one per core)")
     parser.add_argument("--json", metavar="PATH", type=arguments.writable,
@@ -148,7 +157,8 @@ def run(args):
         timing = dict(min_reps=args.min_reps, max_reps=args.max_reps, seconds=args.seconds, warmup=args.warmup)
         result = run_bench(devices, args.scale, args.backends, tuple(args.sections), timing, args.train,
                            sweep=bool(args.plot), progress=False if args.no_progress else None,
-                           on_row=functools.partial(write_json, args.json) if args.json else None)
+                           on_row=functools.partial(write_json, args.json) if args.json else None,
+                           dtype=DTYPES[args.dtype], state_dtypes=tuple(args.state_dtype), rounding=args.rounding)
     print(format_table(result), flush=True)
     if args.json and args.from_json is None:
         print(f"wrote {args.json}")

@@ -13,12 +13,14 @@ _ROW = dict(device=str, section=str, method=str, phase=str, backend=(str, None))
 _TIMED = dict(median_s=NUMBER, min_s=NUMBER, max_s=NUMBER, params_per_s=NUMBER, params=NUMBER)
 ROW = OneOf(Record({**_ROW, "error": str}),
             Record({**_ROW, **_TIMED}, dict(gbps=NUMBER, pct_copy=NUMBER, vs_fused=NUMBER,
-                                            state_bytes_per_param=(NUMBER, None))))
+                                            state_bytes_per_param=(NUMBER, None))),
+            Record({**_ROW, "state_bytes_per_param": NUMBER, "peak_bytes_per_param": NUMBER, "params": NUMBER}))
 DEVICE = OneOf(Record(dict(name=str, error=str)),
                Record(dict(name=str, copy_gbps=NUMBER, weight_set=str, params=NUMBER, managed=NUMBER,
                            train_config=str),
                       dict(threads=(int, None), add_gbps=NUMBER, unavailable=MappingOf((str, None)))))
-RESULT = Record(dict(meta=Record(dict(date=str, torch=str), dict(busy_cpus=NUMBER, finished=bool)),
+RESULT = Record(dict(meta=Record(dict(date=str, torch=str), dict(busy_cpus=NUMBER, finished=bool, dtype=str,
+                                                                 state_dtypes=ListOf(str), rounding=str)),
                      devices=MappingOf(DEVICE), rows=ListOf(ROW)),
                 dict(sweep=ListOf(ROW)))
 
@@ -44,9 +46,12 @@ def format_table(result):
     meta = result["meta"]
     lines.append(f"dps-fast bench  {meta['date']}  torch {meta['torch']}"
                  + (f"  CPUs busy with other work at start: {meta['busy_cpus']:.1f}" if "busy_cpus" in meta else ""))
+    if meta.get("dtype", "float32") != "float32" or meta.get("state_dtypes", ["fp32"]) != ["fp32"]:
+        lines.append(f"parameters and gradients {meta.get('dtype', 'float32')}; DPSAdamW state "
+                     f"{', '.join(meta.get('state_dtypes', ['fp32']))}, rounding {meta.get('rounding', 'nearest')}")
     if meta.get("busy_cpus", 0) > 0.3:
         lines.append("(other processes were running: CPU timings are noisy; compare the minimums, or try --threads 1)")
-    header = (f"{'method':<22}{'phase':<15}{'median':>10}{'min - max':>21}{'Mparam/s':>10}"
+    header = (f"{'method':<26}{'phase':<15}{'median':>10}{'min - max':>21}{'Mparam/s':>10}"
               f"{'GB/s':>8}{'% copy':>8}{'x fused':>9}{'state B/p':>10}")
     if meta.get("finished") is False:
         lines.append(f"(an incomplete run: it stopped after {len(result['rows'])} rows)")
@@ -64,6 +69,9 @@ def format_table(result):
             rows = [r for r in result["rows"] if r["device"] == key and r["section"] == section]
             if not rows:
                 continue
+            if section == "memory":
+                lines += _memory_table(title, rows)
+                continue
             if section == "train":
                 what = info["train_config"]
             else:
@@ -79,10 +87,23 @@ def format_table(result):
     return "\n".join(lines)
 
 
+def _memory_table(title, rows):
+    """The memory section: state and peak bytes per parameter (bench/memory.py)."""
+    lines = [f"-- {title}: bytes per parameter of {rows[0].get('params', 0) / 1e6:.1f}M, after three steps "
+             "(scores and masks made)", f"{'optimizer':<32}{'params':<8}{'state B/p':>10}{'peak B/p':>10}"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"{row['method']:<32}{row['phase']:<8}  could not run: {row['error']}"[:134])
+        else:
+            lines.append(f"{row['method']:<32}{row['phase']:<8}{row['state_bytes_per_param']:>10.2f}"
+                         f"{row['peak_bytes_per_param']:>10.2f}")
+    return lines
+
+
 def _format_row(row):
     if "error" in row:
-        return f"{row['method']:<22}{row['phase']:<15}  could not run: {row['error']}"[:130]
-    fields = [f"{row['method']:<22}{row['phase']:<15}", f"{_fmt_time(row['median_s']):>10}",
+        return f"{row['method']:<26}{row['phase']:<15}  could not run: {row['error']}"[:134]
+    fields = [f"{row['method']:<26}{row['phase']:<15}", f"{_fmt_time(row['median_s']):>10}",
               f"{_fmt_time(row['min_s']) + ' - ' + _fmt_time(row['max_s']):>21}",
               f"{row['params_per_s'] / 1e6:>10.0f}"]
     fields.append(f"{row['gbps']:>8.1f}" if "gbps" in row else f"{'-':>8}")
@@ -151,6 +172,9 @@ def notes():
         "rows time its gradient hook on every managed gradient + its torch AdamW step (torch's default "
         "implementation); its boundary row is its full descending torch.sort per tensor.",
         "training rows: zero_grad + forward + backward + clip to norm 1 + step of a BERT-shaped encoder.",
+        "memory rows (fp32 and bf16 parameters, whatever --dtype): state = bytes of the optimizer's state tensors "
+        "per parameter; peak = the rise of the process's peak memory over making the optimizer and three steps "
+        "(state + transient buffers), each row in a fresh process (dps_fast/bench/memory.py).",
     ]
     return "\n".join(["Notes:"] + [textwrap.fill(text, 110, initial_indent="  ", subsequent_indent="  ",
                                                  break_on_hyphens=False) for text in paragraphs])

@@ -19,6 +19,7 @@ import torch
 
 from .. import backends
 from . import cases as bench_cases
+from . import memory as memory_rows
 from .cases import SECTION_TITLES, Case
 from .timing import copy_bandwidth, measure, sync
 from .weights import (DEFAULT_SCALE, Workload, default_train_config, layer_params, parameter_counts,
@@ -141,34 +142,43 @@ def _outcome(row):
 
 
 def run_bench(devices, scale=None, backend_names=None, sections=tuple(SECTION_TITLES), timing=None, train_config=None,
-              sweep=False, progress=None, seed=0, on_row=None):
+              sweep=False, progress=None, seed=0, on_row=None, dtype=torch.float32, state_dtypes=("fp32",),
+              rounding="nearest"):
     """Run the benchmark; returns the result dict (what --json writes).
 
     sweep: also time the step and boundary rows on smaller weight sets, from
     1M parameters doubling up to the main one (for the time-vs-size plot).
     progress: Progress's `bar` (None: a bar when stderr is a terminal).
-    on_row: called with the result so far after every row."""
+    on_row: called with the result so far after every row.
+    dtype: of every row's parameters and gradients (AdamW's moments follow it, as
+    torch's do); state_dtypes: a dps_fast row per backend and state format;
+    rounding: DPSAdamW's rounding of bf16 parameters."""
     timing = timing or {}
     on_row = on_row or (lambda result: None)
-    result = dict(meta=_meta(devices), devices={}, rows=[], sweep=[])
+    result = dict(meta=dict(_meta(devices), dtype=str(dtype).replace("torch.", ""), state_dtypes=list(state_dtypes),
+                            rounding=rounding), devices={}, rows=[], sweep=[])
+    formats = dict(state_dtypes=tuple(state_dtypes))
     plans = []
     for device in devices:
         device = torch.device(device)
         device_scale = scale if scale is not None else DEFAULT_SCALE.get(device.type, 1.0)
         adamw = bench_cases.adamw_variants(device)
-        main = bench_cases.cases(device, backend_names, sections, adamw)
+        main = bench_cases.cases(device, backend_names, sections, adamw, **formats)
         extra = []
         layers, dim = weight_shape(device_scale)
         # the main weight set is the largest point of the plot; the sweep fills in below it
         for count in sweep_sizes(layers * layer_params(dim))[:-1] if sweep else ():
-            extra += [(count, c) for c in bench_cases.cases(device, backend_names, ("step", "boundary"), adamw)]
-        plans.append((device, device_scale, train_config or default_train_config(device), main, extra, adamw))
-    bar = Progress(sum(len(m) + len(e) + 1 for *_, m, e, _ in plans), bar=progress)
-    for device, device_scale, config, main, extra, adamw in plans:
+            extra += [(count, c) for c in bench_cases.cases(device, backend_names, ("step", "boundary"), adamw,
+                                                            **formats)]
+        memory = [(dtype_name, label) for dtype_name in memory_rows.DTYPES for label in memory_rows.optimizers(dtype_name)]
+        plans.append((device, device_scale, train_config or default_train_config(device), main, extra, adamw,
+                      memory if "memory" in sections else []))
+    bar = Progress(sum(len(m) + len(e) + len(mem) + 1 for *_, m, e, _, mem in plans), bar=progress)
+    for device, device_scale, config, main, extra, adamw, memory in plans:
         key = str(device)
         bar.begin(f"{key} copy bandwidth and weight set")
         try:
-            info, workload = _device_info(device, device_scale, config, seed)
+            info, workload = _device_info(device, device_scale, config, seed, dtype, rounding)
         except Exception as error:  # every row of the device says why
             info, workload = dict(name=key, error=_reason(error)), None
         result["devices"][key] = info
@@ -189,8 +199,14 @@ def run_bench(devices, scale=None, backend_names=None, sections=tuple(SECTION_TI
             continue
         baselines.current = None
         workload.release()
+        for dtype_name, label in memory:
+            bar.begin(f"{key} memory: {label} {dtype_name}")
+            row = memory_rows.row(device, label, dtype_name, device_scale, seed)
+            result["rows"].append(row)
+            bar.end(row.get("error", f"{row.get('state_bytes_per_param', 0):.2f} B/param"))
+            on_row(result)
         for count in sorted({c for c, _ in extra}):
-            sized = Workload(device, scale_for_params(count), config, seed)
+            sized = Workload(device, scale_for_params(count), config, seed, dtype, rounding)
             for _, case in (e for e in extra if e[0] == count):
                 bar.begin(f"{key} sweep {count / 1e6:.0f}M: {case.method} {case.operation}")
                 row = run_case(case, sized, dict(timing, seconds=timing.get("seconds", 1.0) / 2),
@@ -204,11 +220,11 @@ def run_bench(devices, scale=None, backend_names=None, sections=tuple(SECTION_TI
     return result
 
 
-def _device_info(device, scale, config, seed):
+def _device_info(device, scale, config, seed, dtype=torch.float32, rounding="nearest"):
     """(the device's entry of result["devices"], its Workload)."""
     copy_gbps, add_gbps = copy_bandwidth(device)
     layers, dim = weight_shape(scale)
-    workload = Workload(device, scale, config, seed)
+    workload = Workload(device, scale, config, seed, dtype, rounding)
     managed, plain = parameter_counts(workload.weights())
     info = dict(name=_device_name(device), copy_gbps=copy_gbps / 1e9, add_gbps=add_gbps / 1e9, scale=scale,
                 weight_set=f"{layers} BERT layer(s) of width {dim}", params=managed + plain, managed=managed,

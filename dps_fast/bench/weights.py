@@ -53,12 +53,12 @@ def scale_for_params(count):
     return count / BERT_LARGE_PARAMS
 
 
-def weight_set(scale, device, seed=0):
+def weight_set(scale, device, seed=0, dtype=torch.float32):
     """The weight set (an nn.ModuleList of BERT layers) with fixed random
-    weights and gradients on `device`."""
+    weights and gradients of `dtype` on `device`."""
     layers, dim = weight_shape(scale)
     with torch.device("meta"):
-        model = nn.ModuleList(Block(dim, 1) for _ in range(layers))
+        model = nn.ModuleList(Block(dim, 1) for _ in range(layers)).to(dtype)
     model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -109,16 +109,21 @@ def default_train_config(device):
 class Workload:
     """The tensors and models the cases of one device share, built on first use."""
 
-    def __init__(self, device, scale, train_config=None, seed=0):
+    def __init__(self, device, scale, train_config=None, seed=0, dtype=torch.float32, rounding="nearest"):
         self.device = torch.device(device)
         self.scale = scale
         self.train_config = train_config or default_train_config(self.device)
         self.seed = seed
+        self.dtype = dtype  # of the parameters and gradients of every row
+        self.rounding = rounding  # DPSAdamW's rounding of bf16/fp16 parameters
         self._weights = None
 
-    def weights(self):
+    def weights(self, dtype=None):
+        """The weight set in the workload's dtype (kept), or in another `dtype` (a new copy)."""
+        if dtype is not None and dtype != self.dtype:
+            return weight_set(self.scale, self.device, self.seed, dtype)
         if self._weights is None:
-            self._weights = weight_set(self.scale, self.device, self.seed)
+            self._weights = weight_set(self.scale, self.device, self.seed, self.dtype)
         return self._weights
 
     def release(self):
