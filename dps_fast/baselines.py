@@ -151,12 +151,16 @@ def childtuning_groups(model, weight_decay=0.01):
 
 
 def build_optimizer(method, model, total_steps, lr, weight_decay=0.01, sparsity=0.3, stage_ratio=0.05,
-                    keep_fraction=0.3, fisher_batches=None, max_grad_norm=1.0, backend="auto"):
+                    keep_fraction=0.3, fisher_batches=None, max_grad_norm=1.0, backend="auto", state_dtype="fp32",
+                    rounding="nearest"):
     """The optimizer of `method` for `model` and the clip function its loop
     calls between backward and step: returns (optimizer, clip(max_norm)).
 
     fisher_batches: for "childtuning-d", the loss callables of fisher_masks.
     backend: DPSAdamW's backend (every method but "adamw", which is torch.optim.AdamW).
+    state_dtype, rounding: DPSAdamW's storage (dps_fast.state_format). With anything but
+    ("fp32", "nearest") "adamw" is DPSAdamW with every group plain (AdamW's update with
+    that storage), so that AdamW and DPS store alike.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
@@ -164,16 +168,20 @@ def build_optimizer(method, model, total_steps, lr, weight_decay=0.01, sparsity=
     def clip_raw(max_norm):
         return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
 
+    storage = dict(backend=backend, state_dtype=state_dtype, rounding=rounding)
     if method == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr), clip_raw
+        if (state_dtype, rounding) == ("fp32", "nearest"):
+            return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr), clip_raw
+        groups = [dict(g, dps=False) for g in param_groups(model, weight_decay)]
+        return DPSAdamW(groups, lr=lr, **storage), clip_raw
     if method in ("dps", "dps-mix"):
         opt = DPSAdamW(param_groups(model, weight_decay), lr=lr, sparsity=sparsity, total_steps=total_steps,
-                       stage_ratio=stage_ratio, variant="mix" if method == "dps-mix" else "dense", backend=backend)
+                       stage_ratio=stage_ratio, variant="mix" if method == "dps-mix" else "dense", **storage)
     elif method == "mixout":
-        opt = MixoutAdamW(param_groups(model, weight_decay), lr=lr, mix_prob=sparsity, backend=backend)
+        opt = MixoutAdamW(param_groups(model, weight_decay), lr=lr, mix_prob=sparsity, **storage)
     else:
         groups = childtuning_groups(model, weight_decay)
-        opt = ChildTuningAdamW(groups, mode=method[-1].upper(), keep_fraction=keep_fraction, lr=lr, backend=backend)
+        opt = ChildTuningAdamW(groups, mode=method[-1].upper(), keep_fraction=keep_fraction, lr=lr, **storage)
         if method == "childtuning-d":
             if fisher_batches is None:
                 raise ValueError("childtuning-d needs fisher_batches (one pass over the training data)")

@@ -174,7 +174,7 @@ def test_cli_runs_tabulates_and_reloads(tmp_path, capsys):
     assert saved["command"] == (
         "dps-fast finetune --task trec --method adamw,dps --seeds 1 --first-seed 3 --train-size 16 --steps 2 "
         "--lr 5e-05,0.001 --batch-size 16 --max-length 16 --sparsity 0.3 --stage-ratio 0.5 --keep-fraction 0.3 "
-        "--backend auto --dev-size 32 --eval-every 0.5")
+        "--backend auto --dtype fp32 --state-dtype fp32 --rounding nearest --dev-size 32 --eval-every 0.5")
     assert main(["finetune", "--load", str(path)]) == 0
     assert "| trec | 16 | 0.001 | 2 | dps | 1 |" in capsys.readouterr().out
 

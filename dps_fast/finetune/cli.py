@@ -17,6 +17,9 @@ from .recipe import Recipe
 from .report import DEGENERATE_MARGIN, load_runs, report
 
 DPS_METHODS = ("dps", "dps-mix")  # the methods with a stage length T = int(steps * stage ratio)
+DTYPES = ("fp32", "bf16")
+STATE_DTYPES = ("fp32", "bf16")  # dps_fast.state_format.NAMES, without importing torch for --help
+ROUNDINGS = ("nearest", "stochastic")
 
 
 # ----- option types: each names what it wants; argparse adds the flag --------------
@@ -84,6 +87,13 @@ def add_arguments(parser):
                         help="ChildTuning q, the fraction updated, in (0, 1] (default 0.3; --reserve: its code's name)")
     parser.add_argument("--backend", choices=CHOICES, default=default.backend,
                         help="DPSAdamW backend of every method but adamw (default auto)")
+    parser.add_argument("--dtype", choices=DTYPES, default=default.dtype,
+                        help="the model's dtype: bf16 holds it in bf16, no autocast, no fp32 copy (default fp32)")
+    parser.add_argument("--state-dtype", choices=STATE_DTYPES, default=default.state_dtype,
+                        help="DPSAdamW's state: fp32, or bf16 with stochastic rounding (default fp32)")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=default.rounding,
+                        help="how DPSAdamW stores bf16 parameters (default nearest); with --state-dtype bf16 or "
+                             "--rounding stochastic, adamw is DPSAdamW's plain AdamW with that storage")
     parser.add_argument("--dev-size", type=POSITIVE_INT, default=None,
                         help="dev examples: a prefix of the task's fixed dev set (default all: mr 1000, trec 500)")
     parser.add_argument("--eval-every", type=number(float, 0, 1, low_open=True), default=None, metavar="FRACTION",
@@ -156,7 +166,8 @@ def check(args):
         error("argument --ood-size: give --ood too")
     budgets = [dict(steps=s) for s in args.steps] if args.steps else [dict(epochs=e) for e in args.epochs]
     recipes = [Recipe(lr=lr, batch_size=args.batch_size, max_length=args.max_length, sparsity=args.sparsity,
-                      stage_ratio=args.stage_ratio, keep_fraction=args.keep_fraction, backend=args.backend, **budget)
+                      stage_ratio=args.stage_ratio, keep_fraction=args.keep_fraction, backend=args.backend,
+                      dtype=args.dtype, state_dtype=args.state_dtype, rounding=args.rounding, **budget)
                for lr in args.lr for budget in budgets]
     try:
         for task in args.task:
@@ -200,8 +211,8 @@ def command_line(args):
     """The command that repeats this study (training options only, all spelled out)."""
     words = ["dps-fast", "finetune"]
     for flag in ("task", "method", "seeds", "first_seed", "train_size", "steps", "epochs", "lr", "batch_size",
-                 "max_length", "sparsity", "stage_ratio", "keep_fraction", "backend", "dev_size", "eval_every", "ood",
-                 "ood_size", "device", "threads"):
+                 "max_length", "sparsity", "stage_ratio", "keep_fraction", "backend", "dtype", "state_dtype", "rounding",
+                 "dev_size", "eval_every", "ood", "ood_size", "device", "threads"):
         value = getattr(args, flag)
         if value is None or value == [] or (flag == "epochs" and args.steps is not None):
             continue
@@ -218,7 +229,7 @@ def _describe(recipes, device, threads):
             f"batch {r.batch_size}, {budget}, warmup {r.warmup_ratio:.0%} + linear decay, weight decay "
             f"{r.weight_decay}, dropout {r.dropout}, clip {r.max_grad_norm}; DPS p={r.sparsity} "
             f"T=int({r.stage_ratio}*steps); ChildTuning q={r.keep_fraction}; Mixout p={r.sparsity}; "
-            f"DPSAdamW backend {r.backend}")
+            f"DPSAdamW backend {r.backend}; model {r.dtype}, state {r.state_dtype}, rounding {r.rounding}")
 
 
 def run(args):

@@ -19,8 +19,8 @@ def _pyplot():
 
 
 def _title(key):
-    task, size, lr, steps = key
-    return f"{task}, {size} examples, lr {lr:g}, {steps} steps"
+    task, size, lr, steps, storage = key
+    return f"{task}, {size} examples, lr {lr:g}, {steps} steps" + (f", {storage}" if storage else "")
 
 
 def _curves_panel(ax, runs, methods, colours, margin):

@@ -21,11 +21,21 @@ class Recipe:
     stage_ratio: float = 0.05
     keep_fraction: float = 0.3  # ChildTuning q (its code's reserve_p)
     backend: str = "auto"  # DPSAdamW's backend (all methods but adamw)
+    dtype: str = "fp32"  # the model's dtype: "bf16" holds it in bf16 (no autocast, no fp32 master copy)
+    state_dtype: str = "fp32"  # DPSAdamW's state format (dps_fast.state_format)
+    rounding: str = "nearest"  # how DPSAdamW stores bf16 parameters
 
     def total_steps(self, train_size):
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(self.epochs * math.ceil(train_size / self.batch_size)))
+
+    def storage(self):
+        """How the run stores the model and the optimizer's state: "" for fp32 training,
+        else e.g. "bf16, stochastic, bf16 state" (report.setting)."""
+        if (self.dtype, self.state_dtype, self.rounding) == ("fp32", "fp32", "nearest"):
+            return ""
+        return ", ".join([self.dtype, self.rounding] + (["bf16 state"] if self.state_dtype == "bf16" else []))
 
 
 # ----- model and data ---------------------------------------------------------------
@@ -143,7 +153,7 @@ def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_ste
     torch.manual_seed(seed)
     model = copy.deepcopy(base_model)
     _init_head(model)
-    model.to(device).train()
+    model.to(device, torch.bfloat16 if recipe.dtype == "bf16" else torch.float32).train()
     steps = recipe.total_steps(len(train))
     start = time.perf_counter()
     fisher_batches = None
@@ -154,7 +164,8 @@ def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_ste
     optimizer, clip = build_optimizer(
         method, model, steps, recipe.lr, weight_decay=recipe.weight_decay, sparsity=recipe.sparsity,
         stage_ratio=recipe.stage_ratio, keep_fraction=recipe.keep_fraction, fisher_batches=fisher_batches,
-        max_grad_norm=recipe.max_grad_norm, backend=recipe.backend)
+        max_grad_norm=recipe.max_grad_norm, backend=recipe.backend, state_dtype=recipe.state_dtype,
+        rounding=recipe.rounding)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(recipe.warmup_ratio * steps), steps)
     losses, curve, seconds_curve = [], [], 0.0
     for step, indices in enumerate(_batch_order(len(train), recipe.batch_size, steps, seed), 1):
@@ -179,6 +190,8 @@ def train_run(base_model, train, dev, method, seed, recipe, device="cpu", on_ste
     if ood:
         extra["ood"] = {name: dict(accuracy=evaluate(model, data, device), majority=data.majority())
                         for name, data in ood.items()}
+    if recipe.storage():
+        extra["storage"] = recipe.storage()
     tail = losses[-max(1, len(losses) // 10):]
     return dict(method=method, seed=seed, lr=recipe.lr, epochs=None if recipe.steps else recipe.epochs, steps=steps,
                 dev_accuracy=accuracy, majority=dev.majority(), **extra, train_loss=sum(tail) / len(tail),

@@ -1,9 +1,12 @@
 """Tables of a study's runs: accuracy over seeds, degenerate runs, paired
 differences against AdamW, dev accuracy over training.
 
-A setting is (task, train size, learning rate, steps); inside a setting the
-runs of different methods with the same seed share the head initialisation
-and the batch order, so they are compared seed by seed (paired).
+A setting is (task, train size, learning rate, steps, storage); inside a
+setting the runs of different methods with the same seed share the head
+initialisation and the batch order, so they are compared seed by seed
+(paired). The storage (recipe.Recipe.storage: the model's dtype, the state
+format, the rounding) is "" for fp32 training, and is shown beside the
+method otherwise.
 
 A run is *degenerate* when its accuracy is below the majority-class rate of
 the evaluated set plus DEGENERATE_MARGIN points: it does no better than
@@ -21,7 +24,7 @@ REFERENCE = "adamw"  # what the paired differences are taken against
 # What the tables and the plot read of a run (recipe.train_run's result, or a --json file's).
 RUN = Record(dict(task=str, train_size=int, method=str, seed=int, steps=int, dev_accuracy=NUMBER, seconds=NUMBER),
              dict(lr=NUMBER, majority=(NUMBER, None), curve=ListOf(ListOf(NUMBER, length=2)),
-                  ood=MappingOf(Record(dict(accuracy=NUMBER, majority=NUMBER)))))
+                  ood=MappingOf(Record(dict(accuracy=NUMBER, majority=NUMBER))), storage=str))
 STUDY = Record(dict(runs=ListOf(RUN)), dict(recipe=Record({}, dict(lr=NUMBER))))
 
 
@@ -41,8 +44,11 @@ def load_runs(paths):
     return runs
 
 
+SETTING = ("task", "train_size", "lr", "steps", "storage")
+
+
 def setting(run):
-    return run["task"], run["train_size"], run["lr"], run["steps"]
+    return run["task"], run["train_size"], run["lr"], run["steps"], run.get("storage", "")
 
 
 def metrics(runs):
@@ -77,20 +83,25 @@ def summarize(runs, metric="dev", margin=DEGENERATE_MARGIN):
     for run in runs:
         seconds.setdefault((setting(run), run["method"]), []).append(run["seconds"])
     summary = []
-    for ((task, size, lr, steps), method), by_seed in _groups(runs, metric).items():
+    for (key, method), by_seed in _groups(runs, metric).items():
         accuracies = [a for a, _ in by_seed.values()]
         majorities = [m for _, m in by_seed.values()]
         degenerate = None if None in majorities else sum(a < m + margin for a, m in by_seed.values())
-        summary.append(dict(task=task, train_size=size, lr=lr, steps=steps, method=method, metric=metric,
+        summary.append(dict(zip(SETTING, key), method=method, metric=metric,
                             seeds=len(accuracies), mean=statistics.fmean(accuracies),
                             std=statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan"),
                             min=min(accuracies), max=max(accuracies), degenerate=degenerate,
-                            seconds=statistics.fmean(seconds[(task, size, lr, steps), method])))
+                            seconds=statistics.fmean(seconds[key, method])))
     return summary
 
 
+def _key(row):
+    return tuple(row[name] for name in SETTING)
+
+
 def _setting_cells(row):
-    return f"| {row['task']} | {row['train_size']} | {row['lr']:g} | {row['steps']} | {row['method']} |"
+    method = row["method"] + (f" [{row['storage']}]" if row["storage"] else "")
+    return f"| {row['task']} | {row['train_size']} | {row['lr']:g} | {row['steps']} | {method} |"
 
 
 SETTING_HEADER = "| task | train | lr | steps | method |"
@@ -100,12 +111,12 @@ SETTING_RULE = "|---|---:|---:|---:|---|"
 def format_table(summary):
     """Markdown table of accuracy (%) mean ± sample std over seeds; Δ mean is against adamw."""
     metric = summary[0]["metric"] if summary else "dev"
-    base = {(r["task"], r["train_size"], r["lr"], r["steps"]): r["mean"] for r in summary if r["method"] == REFERENCE}
+    base = {_key(r): r["mean"] for r in summary if r["method"] == REFERENCE}
     lines = [f"{SETTING_HEADER} seeds | {metric} acc % (mean ± std) | Δ mean vs {REFERENCE} | min | max | "
              f"degenerate | s/run |",
              f"{SETTING_RULE}---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
-        ref = base.get((r["task"], r["train_size"], r["lr"], r["steps"]))
+        ref = base.get(_key(r))
         delta = "" if ref is None or r["method"] == REFERENCE else f"{r['mean'] - ref:+.2f}"
         std = "–" if math.isnan(r["std"]) else format(r["std"], ".2f")
         degenerate = "–" if r["degenerate"] is None else str(r["degenerate"])
@@ -153,8 +164,7 @@ def paired(runs, metric="dev", reference=REFERENCE):
         else:
             t = mean / (std / math.sqrt(len(diffs)))
         ties = 1e-9
-        task, size, lr, steps = key
-        rows.append(dict(task=task, train_size=size, lr=lr, steps=steps, method=method, metric=metric,
+        rows.append(dict(zip(SETTING, key), method=method, metric=metric,
                          seeds=len(diffs), mean=mean, std=std, t=t,
                          p=float("nan") if math.isnan(t) else t_pvalue(t, len(diffs) - 1),
                          better=sum(d > ties for d in diffs), tied=sum(abs(d) <= ties for d in diffs),
@@ -186,11 +196,11 @@ def curves(runs):
         if run.get("curve"):
             groups.setdefault((setting(run), run["method"]), []).append(run["curve"])
     rows = []
-    for ((task, size, lr, steps), method), found in groups.items():
+    for (key, method), found in groups.items():
         points = [step for step, _ in found[0]]
         found = [c for c in found if [step for step, _ in c] == points]
         best = [max(a for _, a in c) for c in found]
-        rows.append(dict(task=task, train_size=size, lr=lr, steps=steps, method=method, seeds=len(found),
+        rows.append(dict(zip(SETTING, key), method=method, seeds=len(found),
                          points=points, mean=[100 * statistics.fmean(c[i][1] for c in found) for i in range(len(points))],
                          best=100 * statistics.fmean(best),
                          drop=100 * statistics.fmean(c[-1][1] - b for c, b in zip(found, best))))
