@@ -51,8 +51,13 @@ def make_model(seed=0):
     return Net()
 
 
-def make_optimizer(model):
-    return DPSAdamW(param_groups(model), lr=LR, stage_steps=STAGE, backend="torch")
+def make_optimizer(model, **storage):
+    return DPSAdamW(param_groups(model), lr=LR, stage_steps=STAGE, backend="torch", **storage)
+
+
+# bf16 parameters, bf16 state and stochastic stores: the random bits of each entry of a
+# shard are its global index's (dps_fast.rounding), so the shards step as one process
+BF16 = dict(state_dtype="bf16", rounding="stochastic", seed=3)
 
 
 def batch(step, rank=None):
@@ -110,27 +115,28 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def averaged_backward(model, step):
+def averaged_backward(model, step, dtype=torch.float32):
     """p.grad = (g0 / 2) + (g1 / 2) over the two halves of the batch, as DDP and FSDP2 make it."""
     halves = []
     for rank in range(WORLD):
         model.zero_grad()
         x, y = batch(step, rank)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x.to(dtype)).float(), y).backward()
         halves.append([p.grad.clone() for p in model.parameters()])
     for param, g0, g1 in zip(model.parameters(), *halves):
         param.grad = g0 * 0.5 + g1 * 0.5
 
 
-def single_process_run(clip, steps=range(1, STEPS + 1), model=None, opt=None):
-    """Per step: (masks, params, clip norm) of the single-process run."""
+def single_process_run(clip, steps=range(1, STEPS + 1), model=None, opt=None, dtype=torch.float32, storage=None):
+    """Per step: (masks, params, clip norm) of the single-process run (of a model of `dtype`
+    and an optimizer with `storage`, when it makes them)."""
     with one_thread():
         if model is None:
-            model = make_model()
-            opt = make_optimizer(model)
+            model = make_model().to(dtype)
+            opt = make_optimizer(model, **(storage or {}))
         record = []
         for step in steps:
-            averaged_backward(model, step)
+            averaged_backward(model, step, dtype)
             norm = opt.clip_grad_norm_(clip)
             opt.step()
             named = dict(model.named_parameters())
@@ -166,11 +172,11 @@ def _bootstrap(rank, worker, port, *args):
         dist.destroy_process_group()
 
 
-def train(model, opt, steps, rank, clip, record=None, full=lambda t: t, wrapper=None):
+def train(model, opt, steps, rank, clip, record=None, full=lambda t: t, wrapper=None, dtype=torch.float32):
     for step in steps:
         x, y = batch(step, rank)
         opt.zero_grad()
-        F.cross_entropy((wrapper or model)(x), y).backward()
+        F.cross_entropy((wrapper or model)(x.to(dtype)).float(), y).backward()
         norm = opt.clip_grad_norm_(clip)
         opt.step()
         if record is not None:
@@ -189,6 +195,12 @@ def ddp_worker(rank, out):
     record = []
     train(model, opt, range(1, STEPS + 1), rank, clip=1.0, record=record, wrapper=DistributedDataParallel(model))
     torch.save(record, f"{out}/ddp{rank}.pt")
+    # bf16 parameters, bf16 state, stochastic stores: every rank draws the same random bits
+    model = make_model().to(torch.bfloat16)
+    record = []
+    train(model, make_optimizer(model, **BF16), range(1, STEPS + 1), rank, clip=1.0, record=record,
+          wrapper=DistributedDataParallel(model), dtype=torch.bfloat16)
+    torch.save(record, f"{out}/bf16{rank}.pt")
     # DPS-Mix: the same seed on every rank draws the same Mixout masks
     model = make_model()
     opt = DPSAdamW(param_groups(model), lr=LR, stage_steps=STAGE, variant="mix", backend="torch")
@@ -237,8 +249,9 @@ def one_process_clipped():
     return single_process_run(clip=1.0)
 
 
-def assert_same_run(got, want):
-    """Records of runs of the same steps (STEPS - len(want) + 1 to STEPS) are equal."""
+def assert_same_run(got, want, norm_rtol=1e-5):
+    """Records of runs of the same steps (STEPS - len(want) + 1 to STEPS) are equal (the
+    clip norms to norm_rtol: over shards they are summed in another order)."""
     assert len(got) == len(want)
     first = STEPS - len(want) + 1
     for step, ((masks, params, norm), (want_masks, want_params, want_norm)) in enumerate(zip(got, want), first):
@@ -249,7 +262,7 @@ def assert_same_run(got, want):
                 assert torch.equal(masks[name], want_masks[name]), f"mask of {name} differs after step {step}"
         for name, param in want_params.items():
             assert torch.equal(params[name], param), f"{name} differs after step {step}"
-        torch.testing.assert_close(norm, want_norm, rtol=1e-5, atol=0)
+        torch.testing.assert_close(norm, want_norm, rtol=norm_rtol, atol=0)
 
 
 @pytest.mark.parametrize("how", ["ddp", "accelerate"])
@@ -260,6 +273,12 @@ def test_ddp_masks_and_params_equal_on_every_rank_and_to_one_process(ddp, one_pr
     assert_same_run(ranks[1], ranks[0])
     assert_same_run(ranks[0], one_process_clipped)
     assert one_process_clipped[2][0]["hidden.weight"] is not None  # the run did exploit
+
+
+def test_ddp_with_bf16_state_and_stochastic_rounding_equals_one_process(ddp):
+    ranks = [torch.load(ddp / f"bf16{r}.pt") for r in range(WORLD)]
+    assert_same_run(ranks[1], ranks[0])
+    assert_same_run(ranks[0], single_process_run(clip=1.0, dtype=torch.bfloat16, storage=BF16))
 
 
 def test_ddp_dps_mix_masks_and_params_equal_on_every_rank(ddp):
@@ -333,6 +352,11 @@ def fsdp_worker(rank, out):
                 results["saved_state_keys"] = sorted(checkpoint["optim"]["state"]["hidden.weight"])
             dist.barrier()
     results["run"] = record
+    bf16_model = shard(make_model().to(torch.bfloat16), mesh)
+    bf16_record = []
+    train(bf16_model, make_optimizer(bf16_model, **BF16), range(1, STEPS + 1), rank, clip=1e9, record=bf16_record,
+          full=full, dtype=torch.bfloat16)
+    results["bf16_run"] = bf16_record
     named = dict(model.named_parameters())
     results["state"] = {
         name: dict(param=(param.placements, param.to_local().shape),
@@ -390,6 +414,14 @@ def test_sharded_threshold_equals_whole_tensor_threshold(fsdp):
 
 def test_fsdp2_masks_and_params_equal_one_process(fsdp):
     assert_same_run(fsdp[1]["run"], single_process_run(clip=1e9))
+
+
+def test_fsdp2_with_bf16_state_and_stochastic_rounding_equals_one_process(fsdp):
+    """Bit for bit: the shards draw their entries' random bits by their global indices.
+    (The unused clip norm, bf16 per shard, is within a bf16 ulp of the whole tensors'.)"""
+    want = single_process_run(clip=1e9, dtype=torch.bfloat16, storage=BF16)
+    assert_same_run(fsdp[1]["bf16_run"], want, norm_rtol=2 ** -7)
+    assert want[-1][0]["hidden.weight"] is not None
 
 
 def test_fsdp2_refuses_dps_mix(fsdp):

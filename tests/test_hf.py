@@ -207,3 +207,58 @@ def test_an_optimizer_made_before_train_and_a_users_own_one(tmp_path):
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     DPSTrainer(model=model, args=args, train_dataset=_tiny_data(), optimizers=(adamw, None)).train()
     assert adamw.state[next(model.parameters())]["step"] == 4
+
+
+def test_trainer_with_a_bf16_model(tmp_path):
+    """A model held in bf16 (bf16=True), DPSAdamW with bf16 state and stochastic stores: it
+    trains in the Trainer (4 steps: explore, exploit), its state is bf16, and updates below
+    half a bf16 ulp move weights, where rounding to nearest loses them."""
+    moved = {}
+    for rounding in ("stochastic", "nearest"):
+        model = _Classifier().to(torch.bfloat16)
+        before = [p.detach().clone() for p in model.parameters()]
+        args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, report_to=[],
+                                 save_strategy="no", use_cpu=True, bf16=True, learning_rate=1e-5)
+        trainer = DPSTrainer(model=model, args=args, train_dataset=_tiny_data(),
+                             dps_kwargs=dict(stage_steps=2, state_dtype="bf16", rounding=rounding))
+        trainer.train()
+        opt = trainer.dps_optimizer
+        weight = model.encoder.blocks[0].query.weight
+        assert weight.dtype == torch.bfloat16 and opt.state[weight]["exp_avg"].dtype == torch.bfloat16
+        assert opt.mask(weight) is not None and opt.param_groups[0]["dps_step"] == 4
+        moved[rounding] = torch.cat([(a != b).flatten() for a, b in zip(before, model.parameters())]).float().mean()
+    assert moved["stochastic"] > 2 * moved["nearest"], moved
+
+
+def test_trl_sft_trainer_on_a_tiny_bf16_llama(tmp_path):
+    """TRL's SFTTrainer with a DPSAdamW of its own (create_dps_optimizer, MaskedClipCallback,
+    max_grad_norm=0), on a Llama built from a config and held in bf16: bf16 state, stochastic
+    stores, stages of 2 steps."""
+    pytest.importorskip("trl", reason="trl is not installed (pip install -e '.[test]')")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    from dps_fast.integrations.hf import create_dps_optimizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=32)).to(torch.bfloat16)
+    vocab = {f"t{i}": i for i in range(62)} | {"<pad>": 62, "</s>": 63}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                        pad_token="<pad>", eos_token="</s>")
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": [torch.randint(0, 62, (16,), generator=generator).tolist()
+                                            for _ in range(32)]})
+    args = SFTConfig(str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1, max_grad_norm=0.0,
+                     report_to=[], save_strategy="no", use_cpu=True, bf16=True, learning_rate=1e-4,
+                     dataset_kwargs={"skip_prepare_dataset": True})
+    opt = create_dps_optimizer(model, args, num_training_steps=4, stage_steps=2, state_dtype="bf16",
+                               rounding="stochastic")
+    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, optimizers=(opt, None),
+               callbacks=[MaskedClipCallback(1.0)]).train()
+    query = model.model.layers[0].self_attn.q_proj.weight
+    assert opt.param_groups[0]["dps_step"] == 4 and opt.mask(query) is not None
+    assert opt.state[query]["exp_avg"].dtype == torch.bfloat16 and query.dtype == torch.bfloat16

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from dps_fast import DPSAdamW, param_groups  # noqa: E402
-from dps_fast.integrations.lightning import (DPSLightningModule, clip_gradients,  # noqa: E402
+from dps_fast.integrations.lightning import (DPSLightningModule, _dps_of, clip_gradients,  # noqa: E402
                                              create_dps_optimizer, estimated_steps)
 from training import assert_same_state, tiny_model  # noqa: E402
 
@@ -433,3 +433,24 @@ def test_mixin_before_lightning_module():
     with pytest.raises(TypeError, match="before LightningModule"):
         class Wrong(L.LightningModule, DPSLightningModule):
             pass
+
+
+def test_bf16_true_with_bf16_state_and_stochastic_rounding(tmp_path):
+    """precision="bf16-true": the module held in bf16, DPSAdamW with bf16 state and stochastic
+    stores; the Trainer's run is the hand-written bf16 loop, bit for bit."""
+    kwargs = dict(sparsity=0.3, stage_ratio=0.25, state_dtype="bf16", rounding="stochastic", seed=5)
+    module = Tiny(**kwargs)
+    _trainer("bf16-true", tmp_path, max_epochs=2, gradient_clip_val=1.0).fit(module, _loader(6))
+    opt = _dps_of(module.trainer.optimizers[0])
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert opt.state[module.net.pooler.weight]["exp_avg"].dtype == torch.bfloat16
+    net = Tiny(**kwargs).net.to(torch.bfloat16)
+    hand = DPSAdamW(param_groups(net), lr=1e-2, total_steps=12, **kwargs)
+    for _ in range(2):
+        for tokens, labels in _loader(6):
+            loss = F.cross_entropy(net(tokens), labels)
+            hand.zero_grad()
+            loss.backward()
+            hand.clip_grad_norm_(1.0)
+            hand.step()
+    _assert_same_params(module.net, net)
