@@ -33,14 +33,18 @@ inline __attribute__((always_inline)) void entry(P* __restrict p, const P* __res
                                                  float inv_scale, float grad_coef, const Hyper& h,
                                                  const StepConsts& t, uint32_t hi_a, uint32_t hi_b, uint32_t low) {
   using Store = Storage<S, SR_PARAM>;
-  float pf = load_value(p[i]);
-  float mf = load_value(m[i]), vf = load_value(v[i]);
+  const P p_stored = p[i];
+  const S m_stored = m[i], v_stored = v[i];
+  float pf = load_value(p_stored);
+  float mf = load_value(m_stored), vf = load_value(v_stored);
   float sf = (M == kExplore && !RESET) ? load_value(s[i]) : 0.0f;
   dps_entry<M>(pf, load_value(g[i]), mf, vf, sf, keep, RESET, inv_scale, grad_coef, h, t);
   const EntryBits w = Store::kRandom ? entry_bits(hi_a, hi_b, low) : EntryBits{0u, 0u};
-  p[i] = store_rounded<P, SR_PARAM>(pf, param_bits(w));
-  m[i] = store_rounded<S, Store::kStateStochastic>(mf, exp_avg_bits(w));
-  v[i] = store_rounded<S, Store::kStateStochastic>(vf, exp_avg_sq_bits(w));
+  // freeze: a masked-out entry keeps its stored bits (a NaN's payload too), as the reference's where()
+  const bool frozen = M == kExploitFreeze && !keep;
+  p[i] = frozen ? p_stored : store_rounded<P, SR_PARAM>(pf, param_bits(w));
+  m[i] = frozen ? m_stored : store_rounded<S, Store::kStateStochastic>(mf, exp_avg_bits(w));
+  v[i] = frozen ? v_stored : store_rounded<S, Store::kStateStochastic>(vf, exp_avg_sq_bits(w));
   if (M == kExplore) s[i] = store_rounded<S, Store::kStateStochastic>(sf, score_bits(w));
 }
 
@@ -61,8 +65,12 @@ void update_range(const TensorArgs& a, int64_t begin, int64_t end, float inv_sca
   const uint32_t hi_a = mix32(a.key_a ^ high), hi_b = mix32(a.key_b ^ high);
   const uint32_t low = (uint32_t)base;  // + i, mod 2^32: the range shares its high word
   if (M == kExploitGrad || M == kExploitFreeze) {
-    // 32 entries share one 32-bit word of the mask: one vector AND per lane group
+    // 32 entries share one 32-bit word of the mask: one vector AND per lane group. A range
+    // split where the global index crosses 2^32 can start anywhere: single entries up to a word.
     int64_t i = begin;
+    for (; i < end && (i & 31); ++i)
+      entry<M, RESET, P, S, SR_PARAM>(p, g, m, v, s, i, (mask[i >> 3] >> (i & 7)) & 1u, inv_scale, grad_coef, h, t,
+                                      hi_a, hi_b, low + (uint32_t)i);
     for (; i + 32 <= end; i += 32) {
       uint32_t word;
       memcpy(&word, mask + (i >> 3), 4);

@@ -57,7 +57,9 @@ struct Storage {
 };
 
 // Entries [begin, end) of one tensor, whose global indices (a.offset + i) share their high
-// 32 bits; each thread takes 4 consecutive entries (one vector access per array) at a time.
+// 32 bits; each thread takes 4 consecutive entries (one vector access per array) at a time,
+// from the multiple of 4 at or below `begin` (a range split at 2^32 can start anywhere: the
+// entries of a group of 4 outside [begin, end) are left to the neighbouring range).
 template <int M, bool RESET, typename P, typename S, bool SR_PARAM>
 __device__ __forceinline__ void update_range(const TensorArgs& a, int64_t begin, int64_t end, float unscale,
                                              float coef, const Hyper& h) {
@@ -72,10 +74,11 @@ __device__ __forceinline__ void update_range(const TensorArgs& a, int64_t begin,
   const uint32_t hi_a = Store::kRandom ? mix32(a.key_a ^ high) : 0u;
   const uint32_t hi_b = Store::kRandom ? mix32(a.key_b ^ high) : 0u;
   const uint32_t low = (uint32_t)base;  // + i, mod 2^32: the range shares its high word
-  for (int64_t i = begin + 4 * (int64_t)threadIdx.x; i < end; i += 4 * (int64_t)kThreads) {
+  const int64_t first = begin & ~(int64_t)3;
+  for (int64_t i = first + 4 * (int64_t)threadIdx.x; i < end; i += 4 * (int64_t)kThreads) {
     uint32_t bits = 0xfu;  // i is a multiple of 4: its 4 mask bits share a byte
     if (M == kExploitGrad || M == kExploitFreeze) bits = (uint32_t)a.mask[i >> 3] >> (i & 7);
-    if (a.aligned && i + 4 <= end) {
+    if (a.aligned && i >= begin && i + 4 <= end) {
       float pv[4], gv[4], mv[4], vv[4], sv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       uint32_t rp[4], rm[4], rv[4], rs[4];
       load4(p + i, pv);
@@ -89,17 +92,36 @@ __device__ __forceinline__ void update_range(const TensorArgs& a, int64_t begin,
         const EntryBits w = Store::kRandom ? entry_bits(hi_a, hi_b, low + (uint32_t)(i + j)) : EntryBits{0u, 0u};
         rp[j] = param_bits(w), rm[j] = exp_avg_bits(w), rv[j] = exp_avg_sq_bits(w), rs[j] = score_bits(w);
       }
-      Store4<P, SR_PARAM>::store(p + i, pv, rp);
-      Store4<S, Store::kStateStochastic>::store(m + i, mv, rm);
-      Store4<S, Store::kStateStochastic>::store(v + i, vv, rv);
-      if (M == kExplore) Store4<S, Store::kStateStochastic>::store(s + i, sv, rs);
+      // freeze: a masked-out entry's value is the one loaded, which stores back to the same bits
+      // unless it is a NaN (its payload is canonicalised): then the kept entries are stored alone
+      bool frozen_nan = false;
+      if (M == kExploitFreeze)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          frozen_nan |= !((bits >> j) & 1u) && (pv[j] != pv[j] || mv[j] != mv[j] || vv[j] != vv[j]);
+      if (frozen_nan) {
+        for (int j = 0; j < 4; ++j)
+          if ((bits >> j) & 1u) {
+            p[i + j] = store_rounded<P, SR_PARAM>(pv[j], rp[j]);
+            m[i + j] = store_rounded<S, Store::kStateStochastic>(mv[j], rm[j]);
+            v[i + j] = store_rounded<S, Store::kStateStochastic>(vv[j], rv[j]);
+          }
+      } else {
+        Store4<P, SR_PARAM>::store(p + i, pv, rp);
+        Store4<S, Store::kStateStochastic>::store(m + i, mv, rm);
+        Store4<S, Store::kStateStochastic>::store(v + i, vv, rv);
+        if (M == kExplore) Store4<S, Store::kStateStochastic>::store(s + i, sv, rs);
+      }
     } else {
       for (int j = 0; j < 4 && i + j < end; ++j) {
         const int64_t k = i + j;
+        if (k < begin) continue;
+        const bool keep = (bits >> j) & 1u;
         float pk = load_value(p[k]), mk = load_value(m[k]), vk = load_value(v[k]);
         float sk = (M == kExplore && !RESET) ? load_value(s[k]) : 0.0f;
-        dps_entry<M>(pk, load_value(g[k]), mk, vk, sk, (bits >> j) & 1u, RESET, unscale, coef, h, a.step);
+        dps_entry<M>(pk, load_value(g[k]), mk, vk, sk, keep, RESET, unscale, coef, h, a.step);
         const EntryBits w = Store::kRandom ? entry_bits(hi_a, hi_b, low + (uint32_t)k) : EntryBits{0u, 0u};
+        if (M == kExploitFreeze && !keep) continue;  // its stored bits stay (a NaN's payload too)
         p[k] = store_rounded<P, SR_PARAM>(pk, param_bits(w));
         m[k] = store_rounded<S, Store::kStateStochastic>(mk, exp_avg_bits(w));
         v[k] = store_rounded<S, Store::kStateStochastic>(vk, exp_avg_sq_bits(w));
