@@ -12,6 +12,7 @@
 #   cuda-tests      150   45  tests/test_backend_cuda.py (CUDA module vs pure PyTorch, >2^31 entries,
 #                             no host sync, a side stream, one launch per step)
 #   bench           120   40  dps-fast bench, 50M parameters, step and boundary rows -> bench.json
+#   bench-bf16       60   20  the same step rows on bf16 parameters, fp32 and bf16 state -> bench-bf16.json
 #   triton-tests    150   45  tests/test_backend_triton.py (never run on a GPU before)
 #   memcheck        120   40  compute-sanitizer memcheck: benchmarks/sanitizer_cases.py memcheck
 #   scaler-cost      45   15  benchmarks/grad_scaler_cost.py: host-synced vs sync-free GradScaler steps
@@ -41,10 +42,10 @@ START=$(date +%s)
 FAILED=0
 SUMMARY=()
 
-STEPS=(preflight build info cuda-tests bench triton-tests memcheck scaler-cost racecheck bench-large)
-declare -A LIMIT=([preflight]=60 [build]=240 [info]=45 [cuda-tests]=150 [bench]=120 [triton-tests]=150
-                  [memcheck]=120 [scaler-cost]=45 [racecheck]=60 [bench-large]=100)
-declare -A MIN=([preflight]=10 [build]=40 [info]=5 [cuda-tests]=45 [bench]=40 [triton-tests]=45
+STEPS=(preflight build info cuda-tests bench bench-bf16 triton-tests memcheck scaler-cost racecheck bench-large)
+declare -A LIMIT=([preflight]=60 [build]=240 [info]=45 [cuda-tests]=150 [bench]=120 [bench-bf16]=60
+                  [triton-tests]=150 [memcheck]=120 [scaler-cost]=45 [racecheck]=60 [bench-large]=100)
+declare -A MIN=([preflight]=10 [build]=40 [info]=5 [cuda-tests]=45 [bench]=40 [bench-bf16]=20 [triton-tests]=45
                 [memcheck]=40 [scaler-cost]=15 [racecheck]=20 [bench-large]=45)
 
 declare -A SELECTED=()
@@ -128,7 +129,7 @@ finish() {  # the tables, the archive, and the exit status
     printf '%-13s %-24s %7s  %s\n' step status seconds "key figure"
     printf '%s\n' "${SUMMARY[@]}"
     local jsons=()
-    for f in bench bench-large; do [[ -f "$LOG_DIR/$f.json" ]] && jsons+=("$LOG_DIR/$f.json"); done
+    for f in bench bench-bf16 bench-large; do [[ -f "$LOG_DIR/$f.json" ]] && jsons+=("$LOG_DIR/$f.json"); done
     if ((${#jsons[@]})); then
       echo
       "$PY" benchmarks/gpu_bench_table.py "${jsons[@]}"
@@ -232,6 +233,9 @@ for name in "${STEPS[@]:2}"; do
     triton-tests) run_step triton-tests "$TESTS_KEY" "${PYTEST[@]}" tests/test_backend_triton.py ;;
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     bench) run_step bench @rows "${BENCH[@]}" --scale 0.1654 --json "$LOG_DIR/bench.json" ${BENCH_ARGS:-} ;;
+    # shellcheck disable=SC2086  # bf16 parameters, a dps_fast row per state format (issue 20)
+    bench-bf16) run_step bench-bf16 @rows "${BENCH[@]}" --scale 0.1654 --dtype bf16 --state-dtype fp32,bf16 \
+      --rounding stochastic --sections step --json "$LOG_DIR/bench-bf16.json" ${BENCH_ARGS:-} ;;
     # shellcheck disable=SC2086
     bench-large) run_step bench-large @rows "${BENCH[@]}" --scale 1.108 --json "$LOG_DIR/bench-large.json" \
       ${BENCH_ARGS:-} ;;

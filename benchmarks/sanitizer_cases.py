@@ -34,7 +34,7 @@ PLAIN_SHAPES = [(3,), (5, 7), (16384 + 1,)]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def optimizer_run(dtype, masked, scaled, device="cuda", backend="cuda"):
+def optimizer_run(dtype, masked, scaled, device="cuda", backend="cuda", state_dtype="fp32", rounding="nearest"):
     """Six steps of DPSAdamW(backend=backend): explore, explore, boundary + exploit,
     exploit, explore (the score reset), explore."""
     generator = torch.Generator(device=device).manual_seed(0)
@@ -44,7 +44,7 @@ def optimizer_run(dtype, masked, scaled, device="cuda", backend="cuda"):
 
     managed, plain = [param(s) for s in MANAGED_SHAPES], [param(s) for s in PLAIN_SHAPES]
     opt = DPSAdamW([{"params": managed}, {"params": plain, "dps": False}], stage_steps=2, masked=masked,
-                   backend=backend)
+                   backend=backend, state_dtype=state_dtype, rounding=rounding)
     scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**8) if scaled else None
     for step in range(6):
         for p in managed + plain:
@@ -74,6 +74,9 @@ def memcheck_cases():
                 name = f"DPSAdamW {str(dtype).replace('torch.', '')} masked={masked} " + \
                        ("GradScaler" if scaled else "clip_grad_norm_")
                 yield name, lambda d=dtype, m=masked, s=scaled: optimizer_run(d, m, s)
+        for masked in ("grad", "freeze"):  # bf16 state and stochastic stores (16-bit state vectors)
+            yield (f"DPSAdamW {str(dtype).replace('torch.', '')} masked={masked} bf16 state, stochastic",
+                   lambda d=dtype, m=masked: optimizer_run(d, m, False, state_dtype="bf16", rounding="stochastic"))
     yield "select_masks on odd and unaligned scores", _select_run
 
 

@@ -158,9 +158,9 @@ def build_optimizer(method, model, total_steps, lr, weight_decay=0.01, sparsity=
 
     fisher_batches: for "childtuning-d", the loss callables of fisher_masks.
     backend: DPSAdamW's backend (every method but "adamw", which is torch.optim.AdamW).
-    state_dtype, rounding: DPSAdamW's storage (dps_fast.state_format). With anything but
-    ("fp32", "nearest") "adamw" is DPSAdamW with every group plain (AdamW's update with
-    that storage), so that AdamW and DPS store alike.
+    state_dtype, rounding: DPSAdamW's storage (dps_fast.state_format). For a model not in
+    fp32, or with anything but ("fp32", "nearest"), "adamw" is DPSAdamW with every group
+    plain (AdamW's update with that storage), so that AdamW and DPS store alike.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
@@ -170,7 +170,8 @@ def build_optimizer(method, model, total_steps, lr, weight_decay=0.01, sparsity=
 
     storage = dict(backend=backend, state_dtype=state_dtype, rounding=rounding)
     if method == "adamw":
-        if (state_dtype, rounding) == ("fp32", "nearest"):
+        fp32 = all(p.dtype == torch.float32 for p in model.parameters())
+        if fp32 and (state_dtype, rounding) == ("fp32", "nearest"):  # torch's AdamW: bf16 moments for bf16
             return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr), clip_raw
         groups = [dict(g, dps=False) for g in param_groups(model, weight_decay)]
         return DPSAdamW(groups, lr=lr, **storage), clip_raw

@@ -56,11 +56,20 @@ def local_all(tensors):
 def check_group(group):
     """Raise ValueError if param group `group` (with the defaults filled in) asks
     for something DTensor parameters do not support."""
-    if group["dps"] and group["variant"] == "mix" and any(is_dtensor(p) for p in group["params"]):
+    dtensors = [p for p in group["params"] if is_dtensor(p)]
+    if not dtensors:
+        return
+    if group["dps"] and group["variant"] == "mix":
         # the mixing wraps the module's forward, which under FSDP2 sees the unsharded
         # parameter, not the optimizer's DTensor
         raise ValueError("variant='mix' does not support DTensor (FSDP2) parameters; "
                          "use variant='dense', or DDP")
+    from . import state_format as formats
+
+    format = formats.of(group["state_dtype"])
+    for param in dtensors:
+        if formats.needs_random_bits(format, group["rounding"], param):
+            global_offset(param)  # raises for a shard that is not a block of rows
 
 
 def global_offset(dtensor):

@@ -43,8 +43,8 @@ def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
     """
     offsets = None
     if any(map(distributed.is_dtensor, params)):  # the one place the update sees DTensors' shards
-        offsets = [distributed.global_offset(p) if seed is not None else 0 for p, seed in
-                   zip(params, seeds or [None] * len(params))]
+        offsets = [distributed.global_offset(p) if seed is not None and distributed.is_dtensor(p) else 0
+                   for p, seed in zip(params, seeds or [None] * len(params))]
         params, grads, exp_avgs, exp_avg_sqs = map(distributed.local_all, (params, grads, exp_avgs, exp_avg_sqs))
         scores = None if scores is None else distributed.local_all(scores)
     lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps, seeds=seeds,

@@ -71,9 +71,9 @@ class DPSAdamW(Optimizer):
             score are stored (dps_fast.state_format; bf16 with stochastic rounding).
         rounding: "nearest" (default) or "stochastic": how an updated bf16/fp16
             parameter is stored (dps_fast.rounding).
-        seed: the seed of the stochastic-rounding bits (an integer in [0, 2**32);
-            default torch.initial_seed(), read, not drawn); each parameter's own
-            seed, derived from it, is kept in its state.
+        seed: the seed of the stochastic-rounding bits (an integer in [0, 2**32),
+            default 0: the same on every rank, as DDP replicas must round alike);
+            each parameter's own seed, derived from it, is kept in its state.
         backend: "auto" or one of dps_fast.backends.BACKEND_NAMES.
 
     Math is fp32 whatever the parameter dtype and the state format (float64 for
@@ -89,10 +89,9 @@ class DPSAdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  sparsity=0.3, stage_steps=None, total_steps=None, stage_ratio=0.05, variant="dense",
-                 masked="grad", state_dtype="fp32", rounding="nearest", seed=None, backend="auto", maximize=False,
+                 masked="grad", state_dtype="fp32", rounding="nearest", seed=0, backend="auto", maximize=False,
                  foreach=None, capturable=False, differentiable=False, fused=None):
         backends.check_name(backend)
-        seed = torch.initial_seed() & rounding_bits.MASK32 if seed is None else seed
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused, sparsity=sparsity,
@@ -355,20 +354,24 @@ class DPSAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
+        work, changes = [], {}
         for index, group in enumerate(self.param_groups):
             options.check_group(group, self.backend, f"param group {index}: ")
             params = [p for p in group["params"] if p.grad is not None]
             for param in params:
                 if param.grad.is_sparse:
                     raise RuntimeError("DPSAdamW does not support sparse gradients")
-            param_state.follow_format(self.state, group, params)
-            param_state.check_group(self.state, group, params, index)
+            group_changes = param_state.format_changes(self.state, group, params)
+            param_state.check_group(self.state, group, params, index, group_changes)
+            distributed.check_group(group)  # a DTensor layout the step cannot take: now, not halfway
             for device in {param.device for param in params}:  # a backend that cannot run: now, not halfway
                 self._backend_for(device, group)
             if group["dps"] and group["variant"] == "mix":
                 mix.check_mixed(self, params)
             work.append((group, params))
+            changes.update(group_changes)
+        for param, entries in changes.items():  # a state_dtype changed by hand: the state converted
+            self.state[param].update(entries)
         pending, self._runtime.pending_clip = self._runtime.pending_clip, None
         clip_coef = None if pending is None else pending.factor_for(
             [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])

@@ -153,27 +153,30 @@ def check_complete(entry, mixed, where):
                 raise ValueError(f"{where}: state has {tag!r} but not {key!r}, the tensor it tags")
 
 
-def follow_format(states, group, params):
-    """Bring the moments and scores of `params` to their group's state format where it
-    was changed since they were made (group["state_dtype"] set by hand): converted,
-    rounded to nearest, as a load converts them. Tensors that do not fit otherwise are
-    left for check_group to name."""
-    format = group["state_dtype"]
+def format_changes(states, group, params):
+    """{param: {key: tensor}}: the moments and scores of `params` brought to their group's
+    state format where it was changed since they were made (group["state_dtype"] set by
+    hand), converted (rounded to nearest) as a load converts them. Nothing is changed:
+    the caller checks with them (check_group's `changes`) and then stores them. Tensors
+    that do not fit otherwise are left for check_group to name."""
+    format, changes = group["state_dtype"], {}
     for param in params:
-        state = states.get(param)
-        if not state:
-            continue
+        state = states.get(param) or {}
         for key in LIKE_PARAM:
             value = state.get(key)
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == param.shape \
                     and value.dtype != state_dtype(param, format):
-                state[key] = value.to(state_dtype(param, format))
+                changes.setdefault(param, {})[key] = value.to(state_dtype(param, format))
+    return changes
 
 
-def check_group(states, group, params, index):
+def check_group(states, group, params, index, changes=None):
     """ValueError naming the parameter (param_groups[index]['params'][j]) if the
     gradient or a state entry of one of `params` (of param group `group`) does not
-    fit it: a parameter reshaped or moved through .data, or state set by hand."""
+    fit it: a parameter reshaped or moved through .data, or state set by hand.
+    changes: {param: {key: tensor}} to check in place of those entries (format_changes)."""
+    if changes:
+        states = {p: {**states.get(p, {}), **changes.get(p, {})} for p in params}
     have = [p for p in params if "exp_avg" in states.get(p, ())]
 
     def where(chosen):

@@ -24,9 +24,11 @@ unit, are the probability of rounding up (away from zero). For bf16 that is
 unbiased. For fp16 the 13 dropped bits of a normal value take r16 >> 3
 (exact); below fp16's normal range more bits drop, and r16 is shifted left
 to cover them (the low ones then never carry: a bias under 2^-16 of the unit).
-NaN stays NaN, +-inf stays inf, and a finite value never becomes inf by
-rounding up (the value rounded toward zero is kept instead); a value that
-rounding to nearest would make inf becomes inf.
+NaN stays NaN and +-inf stays inf. bf16: a finite value never becomes inf
+(where the carry would reach the inf exponent, the value rounded toward zero,
+the largest bf16, is kept), even past the point where rounding to nearest
+gives inf. fp16: from 65520 up (where rounding to nearest gives inf) the
+result is inf; below it a value never rounds up to inf.
 """
 import torch
 

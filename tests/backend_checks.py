@@ -212,27 +212,31 @@ def check_masked_norms(backend, device, dtype):
 
 
 def check_stochastic_stores(backend, device):
-    """The stochastic stores to the bit: with beta1 = beta2 = 0, no decay, lr 1/2, zero
-    moments and gradients on the 1/16 grid, every fp32 value of the step is exact (m = g,
-    v = g^2, p - sign(g) / 2 rounded once), the same on every backend whatever it fuses,
-    so its bf16/fp16 stores must be the reference's, bit for bit."""
-    hyper = dict(lr=0.5, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0)
-    shapes = [(4097,), (7,), (33, 17)]
+    """The stochastic stores to the bit: with beta1 = beta2 = 0, no decay, lr 2^-24, zero
+    moments and gradients on the 1/16 grid, every fp32 value of the step is the same on
+    every backend whatever it fuses (m = g, v = g^2 exactly; p - 2^-24 sign(g), one IEEE
+    addition), so its bf16/fp16 stores must be the reference's, bit for bit."""
+    hyper = dict(lr=2.0 ** -24, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0)
+    # several chunks; indices crossing 2^32 at an entry that is not a multiple of 32 (in the
+    # middle of a chunk of the large tensor, and inside a small one); an fp16 tensor of
+    # values below fp16's normal range (the small-value stores)
+    shapes = [(2 * CHUNK + 37,), (4097,), (7,), (33, 17)]
+    offsets = [(1 << 32) - CHUNK - 45, (1 << 32) - 37, (1 << 32) - 3, 11]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for state_format, rounding in STORAGES:
             for mode in ("explore", "grad", "freeze"):
-                generator = torch.Generator().manual_seed(9)
+                generator = torch.Generator().manual_seed(9 + len(mode))
                 params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+                params[2] = (params[2].float() * 1e-6).to(dtype)
                 grads = [grid_grad(s, generator, dtype) for s in shapes]
                 wide = param_state.state_dtype(params[0], state_format)
                 avgs, sqs = ([torch.zeros(s, dtype=wide) for s in shapes] for _ in range(2))
                 scores = [(torch.rand(s, generator=generator).mul(64).round() / 16).to(wide) for s in shapes]
                 masks = [selection.pack_mask(torch.rand(s, generator=generator) < 0.7) for s in shapes]
-                storage = dict(state_format=state_format, rounding=rounding, seeds=[5, 6, 7],
-                               offsets=[0, (1 << 32) - 3, 11])
+                storage = dict(state_format=state_format, rounding=rounding, seeds=[5, 6, 7, 8], offsets=offsets)
                 want = [[t.clone() for t in group] for group in (params, avgs, sqs, scores)]
                 got = [[t.to(device) for t in group] for group in (params, avgs, sqs, scores)]
-                steps = [1, 1, 1]
+                steps = [1] * len(shapes)
                 reference.update(want[0], grads, want[1], want[2], steps, **hyper, **storage,
                                  **_mode_arguments(mode, want[3], masks))
                 device_extra = _mode_arguments(mode, got[3], [m.to(device) for m in masks])

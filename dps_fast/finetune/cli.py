@@ -92,8 +92,8 @@ def add_arguments(parser):
     parser.add_argument("--state-dtype", choices=STATE_DTYPES, default=default.state_dtype,
                         help="DPSAdamW's state: fp32, or bf16 with stochastic rounding (default fp32)")
     parser.add_argument("--rounding", choices=ROUNDINGS, default=default.rounding,
-                        help="how DPSAdamW stores bf16 parameters (default nearest); with --state-dtype bf16 or "
-                             "--rounding stochastic, adamw is DPSAdamW's plain AdamW with that storage")
+                        help="how DPSAdamW stores bf16 parameters (default nearest); with --dtype bf16, --state-dtype "
+                             "bf16 or --rounding stochastic, adamw is DPSAdamW's plain AdamW with that storage")
     parser.add_argument("--dev-size", type=POSITIVE_INT, default=None,
                         help="dev examples: a prefix of the task's fixed dev set (default all: mr 1000, trec 500)")
     parser.add_argument("--eval-every", type=number(float, 0, 1, low_open=True), default=None, metavar="FRACTION",
