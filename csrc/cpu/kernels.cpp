@@ -24,6 +24,22 @@ struct Storage {
   static constexpr bool kRandom = kStateStochastic || SR_PARAM;
 };
 
+// `frozen ? stored : computed` on the bits: as a select of floats or 16-bit structs GCC turns
+// it into a conditional store, which AVX2 has no instruction for, and the loop stayed scalar.
+template <typename T>
+inline __attribute__((always_inline)) T stored_if(bool frozen, T stored, T computed) {
+  using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
+  static_assert(sizeof(T) == sizeof(Bits), "a 16- or 32-bit storage type");
+  Bits a, b;
+  memcpy(&a, &stored, sizeof(T));
+  memcpy(&b, &computed, sizeof(T));
+  const Bits keep_stored = (Bits)(0 - (Bits)frozen);
+  const Bits bits = (Bits)((a & keep_stored) | (b & (Bits)~keep_stored));
+  T out;
+  memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
 // One entry; __restrict on the arrays lets the loops below vectorise without alias checks.
 // `low` is the low 32 bits of the entry's index in the whole tensor (offset + i), hi_a/hi_b
 // its streams' high-word keys (dps_math.h, entry_bits).
@@ -42,9 +58,9 @@ inline __attribute__((always_inline)) void entry(P* __restrict p, const P* __res
   const EntryBits w = Store::kRandom ? entry_bits(hi_a, hi_b, low) : EntryBits{0u, 0u};
   // freeze: a masked-out entry keeps its stored bits (a NaN's payload too), as the reference's where()
   const bool frozen = M == kExploitFreeze && !keep;
-  p[i] = frozen ? p_stored : store_rounded<P, SR_PARAM>(pf, param_bits(w));
-  m[i] = frozen ? m_stored : store_rounded<S, Store::kStateStochastic>(mf, exp_avg_bits(w));
-  v[i] = frozen ? v_stored : store_rounded<S, Store::kStateStochastic>(vf, exp_avg_sq_bits(w));
+  p[i] = stored_if(frozen, p_stored, store_rounded<P, SR_PARAM>(pf, param_bits(w)));
+  m[i] = stored_if(frozen, m_stored, store_rounded<S, Store::kStateStochastic>(mf, exp_avg_bits(w)));
+  v[i] = stored_if(frozen, v_stored, store_rounded<S, Store::kStateStochastic>(vf, exp_avg_sq_bits(w)));
   if (M == kExplore) s[i] = store_rounded<S, Store::kStateStochastic>(sf, score_bits(w));
 }
 
