@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dps_fast.finetune import format_curves, format_paired, format_table, paired, plot, summarize
-from dps_fast.finetune.report import curves, load_runs, report, t_pvalue
+from dps_fast.finetune.report import curves, load_runs, paired_storage, report, t_pvalue
 
 QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality"
 
@@ -52,6 +52,20 @@ def test_paired_differences_by_seed():
     assert "| trec | 100 | 0.0001 | 70 | dps | 4 | +0.50 ± 1.29 | +0.77 | " in format_paired([row])
     (same,) = paired([run("adamw", 0, 0.5), run("dps", 0, 0.6), run("adamw", 1, 0.5), run("dps", 1, 0.6)])
     assert same["t"] == math.inf and same["p"] == 0.0
+
+
+def test_storages_paired_against_fp32_by_method_and_seed():
+    runs = [run(m, s, a) for m, s, a in (("adamw", 0, 0.80), ("adamw", 1, 0.70), ("dps", 0, 0.78), ("dps", 1, 0.72))]
+    bf16 = [dict(run(m, s, a), storage="bf16, stochastic")
+            for m, s, a in (("adamw", 0, 0.79), ("adamw", 1, 0.72), ("dps", 0, 0.78), ("dps", 1, 0.69))]
+    rows = {r["method"]: r for r in paired_storage(runs + bf16)}
+    assert set(rows) == {"adamw", "dps"} and all(r["storage"] == "bf16, stochastic" for r in rows.values())
+    assert rows["adamw"]["mean"] == pytest.approx(0.5) and rows["dps"]["mean"] == pytest.approx(-1.5)
+    assert (rows["dps"]["better"], rows["dps"]["tied"], rows["dps"]["worse"]) == (0, 1, 1)
+    assert paired_storage(runs) == [] and paired_storage(bf16) == []  # nothing to pair with
+    text = report(runs + bf16)
+    assert "against the same method in fp32" in text and "| dps [bf16, stochastic] | 2 | -1.50 ± 2.12 |" in text
+    assert "Δ dev acc vs fp32" in text
 
 
 def test_out_of_domain_metrics():

@@ -1,5 +1,6 @@
 """Tables of a study's runs: accuracy over seeds, degenerate runs, paired
-differences against AdamW, dev accuracy over training.
+differences against AdamW (and against fp32 training for other storages),
+dev accuracy over training.
 
 A setting is (task, train size, learning rate, steps, storage); inside a
 setting the runs of different methods with the same seed share the head
@@ -141,41 +142,63 @@ def t_pvalue(t, df):
     return max(0.0, 1 - 2 * area * h / 3)
 
 
+def _differences(diffs):
+    """Mean and sample std of paired differences (points), the paired t and its
+    two-sided p, and how many are better / tied / worse."""
+    mean = statistics.fmean(diffs)
+    std = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+    if len(diffs) < 2:
+        t = float("nan")
+    elif std == 0:
+        t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    else:
+        t = mean / (std / math.sqrt(len(diffs)))
+    ties = 1e-9
+    return dict(seeds=len(diffs), mean=mean, std=std, t=t,
+                p=float("nan") if math.isnan(t) else t_pvalue(t, len(diffs) - 1),
+                better=sum(d > ties for d in diffs), tied=sum(abs(d) <= ties for d in diffs),
+                worse=sum(d < -ties for d in diffs))
+
+
+def _paired_rows(groups, base_of, metric):
+    """A row per group that has a base group (base_of(key, method) -> the base's key,
+    or None): its runs minus the base's on the seeds both ran."""
+    rows = []
+    for (key, method), by_seed in groups.items():
+        base = groups.get(base_of(key, method))
+        if base is None:
+            continue
+        diffs = [by_seed[s][0] - base[s][0] for s in by_seed if s in base]
+        if diffs:
+            rows.append(dict(zip(SETTING, key), method=method, metric=metric, **_differences(diffs)))
+    return rows
+
+
 def paired(runs, metric="dev", reference=REFERENCE):
     """One row per (setting, method other than `reference`): the method minus
     `reference` on the seeds both ran, mean and sample std of the differences
     (points), the paired t and its two-sided p, and seeds better / tied / worse."""
-    groups = _groups(runs, metric)
-    rows = []
-    for (key, method), by_seed in groups.items():
-        base = groups.get((key, reference))
-        if method == reference or base is None:
-            continue
-        seeds = [s for s in by_seed if s in base]
-        diffs = [by_seed[s][0] - base[s][0] for s in seeds]
-        if not diffs:
-            continue
-        mean = statistics.fmean(diffs)
-        std = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-        if len(diffs) < 2:
-            t = float("nan")
-        elif std == 0:
-            t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
-        else:
-            t = mean / (std / math.sqrt(len(diffs)))
-        ties = 1e-9
-        rows.append(dict(zip(SETTING, key), method=method, metric=metric,
-                         seeds=len(diffs), mean=mean, std=std, t=t,
-                         p=float("nan") if math.isnan(t) else t_pvalue(t, len(diffs) - 1),
-                         better=sum(d > ties for d in diffs), tied=sum(abs(d) <= ties for d in diffs),
-                         worse=sum(d < -ties for d in diffs)))
-    return rows
+    return _paired_rows(_groups(runs, metric),
+                        lambda key, method: None if method == reference else (key, reference), metric)
 
 
-def format_paired(rows):
-    """Markdown table of paired differences against adamw (points of accuracy)."""
+FP32 = "fp32"  # what a storage is compared against: fp32 training (storage "")
+
+
+def paired_storage(runs, metric="dev"):
+    """One row per (setting, method) of a storage other than fp32 training: the run
+    minus the same method's fp32 run of the same seed (the same head initialisation
+    and batch order), as paired() computes it."""
+    where = SETTING.index("storage")
+    return _paired_rows(_groups(runs, metric),
+                        lambda key, method: None if key[where] == "" else (key[:where] + ("",), method), metric)
+
+
+def format_paired(rows, against=REFERENCE):
+    """Markdown table of paired differences against adamw (points of accuracy), or
+    against what `against` names."""
     metric = rows[0]["metric"] if rows else "dev"
-    lines = [f"{SETTING_HEADER} seeds | Δ {metric} acc vs {REFERENCE} (mean ± std) | paired t | p | "
+    lines = [f"{SETTING_HEADER} seeds | Δ {metric} acc vs {against} (mean ± std) | paired t | p | "
              "better / tied / worse |",
              f"{SETTING_RULE}---:|---:|---:|---:|:---:|"]
     for r in rows:
@@ -233,6 +256,10 @@ def report(runs, margin=DEGENERATE_MARGIN):
         rows = paired(runs, metric)
         if rows:
             parts.append(f"Paired by seed, against {REFERENCE}, on the {where}:\n\n" + format_paired(rows))
+        rows = paired_storage(runs, metric)
+        if rows:
+            parts.append(f"Paired by seed, against the same method in {FP32}, on the {where}:\n\n"
+                         + format_paired(rows, against=FP32))
     rows = curves(runs)
     if rows:
         parts.append("Dev accuracy over training (mean over seeds):\n\n" + format_curves(rows))
