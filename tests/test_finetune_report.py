@@ -66,6 +66,8 @@ def test_storages_paired_against_fp32_by_method_and_seed():
     text = report(runs + bf16)
     assert "against the same method in fp32" in text and "| dps [bf16, stochastic] | 2 | -1.50 ± 2.12 |" in text
     assert "Δ dev acc vs fp32" in text
+    (zero,) = paired_storage([run("dps", 0, 0.1 + 0.2), dict(run("dps", 0, 0.3), storage="bf16, nearest")])
+    assert "| +0.00 ± – |" in format_paired([zero])
 
 
 def test_out_of_domain_metrics():
