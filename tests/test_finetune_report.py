@@ -66,8 +66,11 @@ def test_storages_paired_against_fp32_by_method_and_seed():
     text = report(runs + bf16)
     assert "against the same method in fp32" in text and "| dps [bf16, stochastic] | 2 | -1.50 ± 2.12 |" in text
     assert "Δ dev acc vs fp32" in text
-    (zero,) = paired_storage([run("dps", 0, 0.1 + 0.2), dict(run("dps", 0, 0.3), storage="bf16, nearest")])
-    assert "| +0.00 ± – |" in format_paired([zero])
+    pairs = [run("dps", 0, 0.1 + 0.2), dict(run("dps", 0, 0.3), storage="bf16, nearest"),  # -3.6e-15
+             run("dps", 1, 0.50), dict(run("dps", 1, 0.51), storage="bf16, nearest"),
+             run("dps", 2, 0.51), dict(run("dps", 2, 0.50), storage="bf16, nearest")]
+    (zero,) = paired_storage(pairs)
+    assert zero["mean"] < 0 and zero["t"] < 0 and "| +0.00 ± 1.00 | +0.00 |" in format_paired([zero])
 
 
 def test_out_of_domain_metrics():

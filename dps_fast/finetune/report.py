@@ -203,9 +203,9 @@ def format_paired(rows, against=REFERENCE):
              f"{SETTING_RULE}---:|---:|---:|---:|:---:|"]
     for r in rows:
         std = "–" if math.isnan(r["std"]) else format(r["std"], ".2f")
-        t = "–" if math.isnan(r["t"]) else format(r["t"], "+.2f")
+        t = "–" if math.isnan(r["t"]) else format(round(r["t"], 2) + 0.0, "+.2f")
         p = "–" if math.isnan(r["p"]) else format(r["p"], ".3f")
-        mean = round(r["mean"], 2) + 0.0  # no "-0.00" for a difference that rounds to zero
+        mean = round(r["mean"], 2) + 0.0  # no "-0.00" for a difference that rounds to zero (nor for t)
         lines.append(f"{_setting_cells(r)} {r['seeds']} | {mean:+.2f} ± {std} | {t} | {p} | "
                      f"{r['better']} / {r['tied']} / {r['worse']} |")
     return "\n".join(lines)
