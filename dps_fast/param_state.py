@@ -192,6 +192,9 @@ def in_format(param, entry, format):
         value, scale_key = entry.get(key), formats.SCALE_KEYS.get(key)
         if not isinstance(value, torch.Tensor) or value.shape != param.shape:
             continue
+        dtype = target.dtype_for(param, key)
+        if value.dtype == dtype and scale_key not in entry:  # as stored (a float; or codes lacking their scales)
+            continue
         scales = entry.get(scale_key)
         coded = value.dtype == torch.uint8 and isinstance(scales, torch.Tensor) and scales.is_floating_point() \
             and scales.shape == (blockwise.num_blocks(param.numel()),)
@@ -200,11 +203,10 @@ def in_format(param, entry, format):
                 continue
             converted = dict(zip((key, scale_key), blockwise.quantize(value.float(), formats.SIGNED[key])))
         elif coded:
-            dtype = target.dtype_for(param, key)
             converted = {key: blockwise.dequantize(value, scales.to(value.device, torch.float32),
                                                    formats.SIGNED[key]).to(dtype), scale_key: None}
-        elif value.is_floating_point() and value.dtype != target.dtype_for(param, key):
-            converted = {key: value.to(target.dtype_for(param, key))}
+        elif value.is_floating_point() and value.dtype != dtype:
+            converted = {key: value.to(dtype)}
         elif scale_key in entry:  # scales of a float moment: left from 8-bit state
             converted = {scale_key: None}
         else:
@@ -256,7 +258,8 @@ def check_group(states, group, params, index, changes=None):
             check_entries(distributed.local_all(chosen), key,
                           values if key == "mask" else distributed.local_all(values), where(chosen),
                           group["state_dtype"])
-    quantized = [p for p in have if formats.of(group["state_dtype"]).for_param(p).quantized]
+    format = formats.of(group["state_dtype"])
+    quantized = [p for p in have if format.for_param(p).quantized] if format.quantized else []
     for key in SCALES if quantized else ():  # present too: None is "expected a tensor"
         check_entries(quantized, key, [states[p].get(key) for p in quantized], where(quantized), group["state_dtype"])
 
