@@ -24,9 +24,9 @@ the bench's bytes model.
   block's scale: each keeps its value to within half a code step at the new
   scale). 4.16 bytes per entry of a managed tensor (bytes_per_entry).
   Tensors of fewer than 4096 entries (biases, LayerNorm: a small share of a
-  model) keep "bf16" state, as float64 ones keep float64 state: there a
-  format saves at most 12 KB per tensor, so the choice is about error and
-  code paths, and bf16 with stochastic rounding is the "bf16" format's own
+  model) keep "bf16" state, as float64 ones keep float64 state: there codes
+  would save at most 8 KB per tensor over bf16, so the choice is about error
+  and code paths, and bf16 with stochastic rounding is the "bf16" format's own
   path (no third kind of state in a group; bf16 scores throughout), unbiased,
   and finer than a code (8 significant bits per entry, no scale shared with
   255 others). The anchors (bitsandbytes' min_8bit_size, torchao) keep fp32
