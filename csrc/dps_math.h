@@ -38,7 +38,8 @@ enum Mode : int {
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // How exp_avg, exp_avg_sq and scores are stored (dps_fast.state_format).
-enum StateFormat : int { kStateFp32 = 0, kStateBf16 = 1 };  // bf16: with stochastic rounding
+// bf16: with stochastic rounding; 8bit: block-wise 8-bit moments (dps_fast/blockwise.py), no kernel yet
+enum StateFormat : int { kStateFp32 = 0, kStateBf16 = 1, kState8bit = 2 };
 
 // The enums' values under the names Python gives them.
 struct NamedCode {
@@ -48,7 +49,7 @@ struct NamedCode {
 constexpr NamedCode kModeNames[] = {
     {"PLAIN", kPlain}, {"EXPLORE", kExplore}, {"EXPLOIT_GRAD", kExploitGrad}, {"EXPLOIT_FREEZE", kExploitFreeze}};
 constexpr NamedCode kDTypeNames[] = {{"FLOAT32", kFloat32}, {"BFLOAT16", kBFloat16}, {"FLOAT16", kFloat16}};
-constexpr NamedCode kStateFormatNames[] = {{"FP32", kStateFp32}, {"BF16", kStateBf16}};
+constexpr NamedCode kStateFormatNames[] = {{"FP32", kStateFp32}, {"BF16", kStateBf16}, {"EIGHT_BIT", kState8bit}};
 
 // Hyperparameters of a call, rounded to fp32 as torch rounds a Python float
 // that multiplies an fp32 tensor.

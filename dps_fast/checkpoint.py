@@ -2,18 +2,21 @@
 checks, converts and migrates what it is given (DPSAdamW's methods call these).
 
 A load builds the whole new state before anything changes, so a failed load
-leaves the optimizer as it was. Each entry goes through param_state.adopt
-(fits its parameter, or is converted to the form the kernels take: moments
-and scores in the current group's state format (fp32 or bf16, rounded to
-nearest: a state dict of either format loads into either, and bf16 moments
-into bf16 state without an fp32 copy) whatever the parameter's dtype, in its
-layout, a bool mask packed; or is a ValueError naming the parameter and the
-key) and param_state.check_complete. The groups keep their own state_dtype
-and rounding (STORAGE_KEYS); every other setting comes from the state dict,
-as torch does. A torch.optim.AdamW group (one without
-"dps_step") migrates: its hyperparameters, moments and steps are taken, the
-current group's DPS settings kept (DPS_KEYS), and the DPS schedule starts
-with an exploration stage at the next step.
+leaves the optimizer as it was. Each entry's moments and scores are brought
+to the current group's state format (param_state.in_format: fp32, bf16 and
+8-bit state load into one another, converted deterministically: rounded to
+nearest, quantized or dequantized block-wise; bf16 moments into bf16 state
+without an fp32 copy, 8-bit codes into 8-bit state as they are) whatever the
+parameter's dtype; then each of its tensors goes through param_state.adopt
+(fits its parameter, or is brought to the form the kernels take: its dtype,
+device and layout, a bool mask packed; or is a ValueError naming the
+parameter and the key) and the entry through param_state.check_complete.
+The groups keep their own state_dtype and rounding (STORAGE_KEYS); every
+other setting comes from the state dict, as torch does. A torch.optim.AdamW
+group (one without "dps_step") migrates: its hyperparameters, moments and
+steps are taken (into 8-bit state: quantized), the current group's DPS
+settings kept (DPS_KEYS), and the DPS schedule starts with an exploration
+stage at the next step.
 """
 import copy
 from collections import defaultdict
@@ -21,6 +24,7 @@ from collections import defaultdict
 import torch
 
 from . import distributed, options, param_state
+from . import state_format as formats
 
 # Group keys that migrating a torch.optim.AdamW state dict keeps from the current groups: those
 # AdamW lacks; foreach and fused, which in DPSAdamW choose the backend (options.implementation);
@@ -64,12 +68,13 @@ def loaded(optimizer, state_dict):
             state[key] = entry  # state not assigned to a parameter is kept as it is, as torch does
             continue
         param, group, saved_group, where = owner[key]
+        format = group["state_dtype"]
+        entry = param_state.in_format(param, entry, format)  # (before a DTensor's full tensors are cut)
         if distributed.is_dtensor(param):  # its shards may be views of the state dict's tensors: copies
             entry = distributed.loaded_state(param, {k: v.clone() if isinstance(v, torch.Tensor) else v
                                                      for k, v in entry.items()})
-        entry = {name: param_state.adopt(param, name, value, where, group["state_dtype"])
-                 for name, value in entry.items()}
-        param_state.check_complete(entry, _is_mixed(group), where)
+        entry = {name: param_state.adopt(param, name, value, where, format) for name, value in entry.items()}
+        param_state.check_complete(entry, _is_mixed(group), where, formats.of(format).for_param(param).quantized)
         if "schedule_start" not in saved_group:  # tags of an older dps_fast: stage numbers, now first steps
             stage_steps = saved_group.get("stage_steps") or 1
             entry.update({tag: (entry[tag] - 1) * stage_steps + 1 for tag in param_state.TAGS if tag in entry})

@@ -67,6 +67,11 @@ def check_group(group):
     from . import state_format as formats
 
     format = formats.of(group["state_dtype"])
+    if format.quantized:
+        # a shard's block scales would cover the blocks of its local entries: a per-rank
+        # tensor that neither a sharded nor a full checkpoint can hold as one tensor yet
+        raise ValueError(f"state_dtype={format.name!r} does not support DTensor (FSDP2) parameters yet; "
+                         "use state_dtype='bf16' (or 'fp32'), or DDP")
     for param in dtensors:
         if formats.needs_random_bits(format, group["rounding"], param):
             global_offset(param)  # raises for a shard that is not a block of rows

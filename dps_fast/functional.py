@@ -22,7 +22,9 @@ def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
               freeze: bool = False, grad_coef: Optional[torch.Tensor] = None,
               inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
               state_format: str = "fp32", rounding: str = "nearest",
-              seeds: Optional[Sequence[Optional[int]]] = None) -> None:
+              seeds: Optional[Sequence[Optional[int]]] = None,
+              exp_avg_scales: Optional[List[Optional[torch.Tensor]]] = None,
+              exp_avg_sq_scales: Optional[List[Optional[torch.Tensor]]] = None) -> None:
     """One AdamW step of tensors on one device, in place, as DPS's `phase` asks:
 
     - PLAIN: AdamW (a group not managed by DPS);
@@ -38,6 +40,8 @@ def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
     GradScaler's, on the device (dps_fast.amp). state_format, rounding: how the
     state and a bf16/fp16 parameter are stored (dps_fast.state_format); seeds:
     each tensor's stochastic-rounding seed (None where it draws no bits).
+    exp_avg_scales / exp_avg_sq_scales: the block scales of 8-bit moments (None
+    where the moments are floats; the state entries exp_avg_scale, exp_avg_sq_scale).
     DTensors update their local shards, whose random bits are those of their
     entries' indices in the whole tensor.
     """
@@ -48,7 +52,7 @@ def dps_adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
         params, grads, exp_avgs, exp_avg_sqs = map(distributed.local_all, (params, grads, exp_avgs, exp_avg_sqs))
         scores = None if scores is None else distributed.local_all(scores)
     lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps, seeds=seeds,
-                 offsets=offsets)
+                 offsets=offsets, exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_coef=grad_coef,
                  inv_scale=inv_scale, found_inf=found_inf, state_format=state_format, rounding=rounding)
     if phase == EXPLORE:

@@ -22,7 +22,7 @@ from . import state_format as formats
 from .schedule import EXPLORE, phase_of, stage_start
 
 # The per-parameter state a step writes on the host (undone if GradScaler skips it).
-STEP_STATE = ("step", "exp_avg", "exp_avg_sq", "score", "score_stage", "mix_count")
+STEP_STATE = ("step", "exp_avg", "exp_avg_sq", *formats.SCALE_KEYS.values(), "score", "score_stage", "mix_count")
 
 Upcoming = collections.namedtuple("Upcoming", "phase stage")  # of a group's next step; stage: its first step
 
@@ -67,8 +67,9 @@ class DPSAdamW(Optimizer):
         masked: "grad" (published: masked entries get a zero gradient, their
             moments and weight decay go on) or "freeze" (masked entries keep
             their value, moments, and get no weight decay).
-        state_dtype: "fp32" (default) or "bf16": how exp_avg, exp_avg_sq and the
-            score are stored (dps_fast.state_format; bf16 with stochastic rounding).
+        state_dtype: "fp32" (default), "bf16" or "8bit": how exp_avg, exp_avg_sq and
+            the score are stored (dps_fast.state_format; bf16 with stochastic rounding;
+            8bit: block-wise 8-bit moments and a bf16 score, backend "torch" only so far).
         rounding: "nearest" (default) or "stochastic": how an updated bf16/fp16
             parameter is stored (dps_fast.rounding).
         seed: the seed of the stochastic-rounding bits (an integer in [0, 2**32),
@@ -188,11 +189,13 @@ class DPSAdamW(Optimizer):
         return groups[found[0]]
 
     def _backend_for(self, device, group=None):
-        """The backend module for `group`'s tensors on `device` (its fused/foreach flags)."""
+        """The backend module for `group`'s tensors on `device` (its fused/foreach flags and
+        state format)."""
         device = torch.device(device)
-        key = device, None if group is None else options.implementation(group)
+        key = (device, None, "fp32") if group is None else (device, options.implementation(group),
+                                                             group["state_dtype"])
         if key not in self._runtime.backends:
-            self._runtime.backends[key] = backends.resolve(self.backend, device, key[1])
+            self._runtime.backends[key] = backends.resolve(self.backend, device, key[1], key[2])
         return self._runtime.backends[key]
 
     # ----- public queries ---------------------------------------------------------
@@ -370,8 +373,10 @@ class DPSAdamW(Optimizer):
                 mix.check_mixed(self, params)
             work.append((group, params))
             changes.update(group_changes)
-        for param, entries in changes.items():  # a state_dtype changed by hand: the state converted
-            self.state[param].update(entries)
+        for param, entry in changes.items():  # a state_dtype changed by hand: the state converted
+            state = self.state[param]
+            state.clear()
+            state.update(entry)
         pending, self._runtime.pending_clip = self._runtime.pending_clip, None
         clip_coef = None if pending is None else pending.factor_for(
             [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
@@ -393,10 +398,9 @@ class DPSAdamW(Optimizer):
             state = self.state[param]
             if "step" not in state:
                 state["step"] = 0
-                state["exp_avg"] = param_state.zeros(param, format.name)
-                state["exp_avg_sq"] = param_state.zeros(param, format.name)
+                state.update(param_state.zero_state(param, format.name, ("exp_avg", "exp_avg_sq")))
             if explore and "score" not in state:
-                state["score"] = param_state.zeros(param, format.name)
+                state["score"] = param_state.zeros(param, format.name, "score")
             if "round_seed" not in state and formats.needs_random_bits(format, group["rounding"], param):
                 # the group's seed and the parameter's place in the optimizer: the same on every rank
                 state["round_seed"] = rounding_bits.mix32(group["seed"] ^ rounding_bits.mix32(self._position(param)))
@@ -448,9 +452,13 @@ class DPSAdamW(Optimizer):
                      beta1=float(group["betas"][0]), beta2=float(group["betas"][1]), eps=float(group["eps"]),
                      weight_decay=float(group["weight_decay"]), freeze=group["masked"] == "freeze",
                      state_format=group["state_dtype"], rounding=group["rounding"])
+        quantized = formats.of(group["state_dtype"]).quantized
         for device, chosen in _by_device(range(len(params)), lambda i: params[i].device).items():
             def pick(values):
                 return [values[i] for i in chosen]
+
+            def scales(key):  # an 8-bit moment's block scales (None for the tensors kept in floats)
+                return [states[i].get(key) for i in chosen] if quantized else None
 
             scalars = dict(zip(("inv_scale", "found_inf"), scaled.scalars(device))) if scaled is not None else {}
             explore = phase == EXPLORE
@@ -461,7 +469,8 @@ class DPSAdamW(Optimizer):
                 grad_coef=self._grad_coef(group, clip_coef, device),
                 scores=[states[i]["score"] for i in chosen] if explore else None,
                 reset_scores=[states[i].get("score_stage") != stage for i in chosen] if explore else None,
-                masks=pick(masks), seeds=[states[i].get("round_seed") for i in chosen])
+                masks=pick(masks), seeds=[states[i].get("round_seed") for i in chosen],
+                exp_avg_scales=scales("exp_avg_scale"), exp_avg_sq_scales=scales("exp_avg_sq_scale"))
         if phase == EXPLORE:
             for state in states:
                 state["score_stage"] = stage

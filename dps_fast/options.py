@@ -64,6 +64,13 @@ def check_group(group, backend, where=""):
                          f"backend='torch', not backend={backend!r}")
     if group["state_dtype"] not in formats.NAMES:
         raise ValueError(f"{where}state_dtype must be one of {formats.NAMES}; got {group['state_dtype']!r}")
+    refusal = formats.kernel_refusal(group["state_dtype"])
+    if refusal is not None and backend not in ("auto", "torch"):
+        raise ValueError(f"{where}backend={backend!r} cannot store this group's state: {refusal}; use "
+                         "backend='torch', or 'auto', which picks it for such groups")
+    if refusal is not None and kind == "fused":
+        raise ValueError(f"{where}fused=True / foreach=True ask for a multi-tensor kernel, and {refusal}; leave "
+                         "fused and foreach None (or False)")
     if group["rounding"] not in formats.ROUNDINGS:
         raise ValueError(f"{where}rounding must be one of {formats.ROUNDINGS}; got {group['rounding']!r}")
     seed = group["seed"]

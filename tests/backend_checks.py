@@ -2,13 +2,15 @@
 tests/test_backend_cpu.py, test_backend_cuda.py and test_backend_triton.py:
 select_masks on odd sizes and tied or signed scores, one update of several
 tensors in every mode and dtype (GradScaler and clip arguments included),
-found_inf, an inf gradient masked out, and tensors the kernels hand back to
-the reference. Each check takes the backend module and the device."""
+found_inf, an inf gradient masked out, tensors the kernels hand back to
+the reference, and 8-bit state (which no kernel stores yet) refused. Each
+check takes the backend module and the device."""
 import math
 
+import pytest
 import torch
 
-from dps_fast import param_state, selection
+from dps_fast import blockwise, param_state, selection
 from dps_fast.backends import cpu, reference
 from training import grid_grad
 
@@ -190,6 +192,22 @@ def check_fallback(backend, device):
     masks = [selection.pack_mask(torch.rand(g.shape, generator=generator) < 0.7).to(device) for g in grads]
     assert torch.equal(backend.masked_norms(grads, masks).cpu(),
                        reference.masked_norms([g.cpu() for g in grads], [m.cpu() for m in masks]))
+
+
+def check_refuses_8bit(backend, device):
+    """state_format="8bit" is a ValueError naming it and backend='torch' (no kernel stores it
+    yet), before anything is written."""
+    generator = torch.Generator().manual_seed(8)
+    params = [torch.randn(64, 80, generator=generator).to(device)]
+    grads = [grid_grad((64, 80), generator).to(device)]
+    codes = [blockwise.zero_codes(params[0], signed) for signed in (True, False)]
+    scales = [torch.zeros(blockwise.num_blocks(params[0].numel()), device=device) for _ in range(2)]
+    before = params[0].clone()
+    with pytest.raises(ValueError, match="no compiled or Triton kernel stores state_dtype='8bit' yet "
+                                         "\\(backend='torch' does\\)"):
+        backend.update(params, grads, [codes[0]], [codes[1]], [1], **HYPER, state_format="8bit", seeds=[1],
+                       exp_avg_scales=[scales[0]], exp_avg_sq_scales=[scales[1]])
+    assert torch.equal(params[0], before)
 
 
 def check_masked_norms(backend, device, dtype):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from backend_checks import (CHUNK, DTYPES, MODES, SIZES, STORAGES, check_fallback, check_found_inf,
-                            check_masked_norms, check_masked_out_inf, check_select, check_select_many,
-                            check_stochastic_stores, check_update)
+                            check_masked_norms, check_masked_out_inf, check_refuses_8bit, check_select,
+                            check_select_many, check_stochastic_stores, check_update)
 from backend_parity import assert_matches_reference, cases
 from dps_fast import DPSAdamW, backends
 
@@ -98,6 +98,10 @@ def test_update_with_grad_scaler_and_clip(mode):
 
 def test_found_inf_writes_nothing():
     check_found_inf(cpu, "cpu")
+
+
+def test_8bit_state_is_refused():
+    check_refuses_8bit(cpu, "cpu")
 
 
 def test_masked_out_inf_gradient_gives_nan_as_the_reference():

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from backend_checks import (DTYPES, MODES, SIZES, STORAGES, check_fallback, check_found_inf,
-                            check_masked_norms, check_masked_out_inf, check_select, check_select_many,
-                            check_stochastic_stores, check_update)
+                            check_masked_norms, check_masked_out_inf, check_refuses_8bit, check_select,
+                            check_select_many, check_stochastic_stores, check_update)
 from backend_parity import assert_matches_reference, cases
 from scaler_checks import assert_sync_free_matches_host_synced
 from dps_fast import DPSAdamW, backends, selection
@@ -244,6 +244,11 @@ def test_masked_norms_match_reference(dtype):
 @gpu
 def test_found_inf_writes_nothing():
     check_found_inf(cuda_backend, "cuda")
+
+
+@gpu
+def test_8bit_state_is_refused():
+    check_refuses_8bit(cuda_backend, "cuda")
 
 
 @gpu

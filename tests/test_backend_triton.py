@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton", minversion="3.6")
 
 from backend_checks import (DTYPES, HYPER, MODES, STORAGES, check_fallback, check_found_inf,  # noqa: E402
-                            check_masked_norms, check_masked_out_inf, check_select,
+                            check_masked_norms, check_masked_out_inf, check_refuses_8bit, check_select,
                             check_stochastic_stores, check_update, make_scores)
 from backend_parity import assert_matches_reference, cases  # noqa: E402
 from dps_fast import backends  # noqa: E402
@@ -112,6 +112,10 @@ def test_update_applies_inv_scale_before_scoring_and_clip_after(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_update_with_found_inf_writes_nothing(mode):
     check_found_inf(triton_backend, DEVICE, mode, SHAPES)
+
+
+def test_8bit_state_is_refused():
+    check_refuses_8bit(triton_backend, DEVICE)
 
 
 def test_tensors_the_kernels_do_not_take_follow_the_reference():

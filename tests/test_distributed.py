@@ -336,6 +336,10 @@ def fsdp_worker(rank, out):
         DPSAdamW(param_groups(model), stage_steps=STAGE, variant="mix")
     except ValueError as error:
         results["mix_error"] = str(error)
+    try:
+        DPSAdamW(param_groups(model), stage_steps=STAGE, state_dtype="8bit")
+    except ValueError as error:
+        results["eight_bit_error"] = str(error)
     opt = make_optimizer(model)
     record = []
     for steps in (range(1, STOP + 1), range(STOP + 1, STEPS + 1)):
@@ -426,6 +430,12 @@ def test_fsdp2_with_bf16_state_and_stochastic_rounding_equals_one_process(fsdp):
 
 def test_fsdp2_refuses_dps_mix(fsdp):
     assert "variant='mix' does not support DTensor" in fsdp[1].get("mix_error", "no error raised")
+
+
+def test_fsdp2_refuses_8bit_state(fsdp):
+    """Block scales over each rank's shard would be a per-rank tensor: refused for now."""
+    assert "state_dtype='8bit' does not support DTensor (FSDP2) parameters yet" in fsdp[1].get(
+        "eight_bit_error", "no error raised")
 
 
 def test_fsdp2_optimizer_state_covers_the_local_shard_only(fsdp):

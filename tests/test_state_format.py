@@ -89,9 +89,9 @@ def test_stochastic_store_is_unbiased(dtype, value):
 
 
 def test_the_formats_and_the_kernel_codes():
-    assert state_format.NAMES == ("fp32", "bf16")
+    assert state_format.NAMES == ("fp32", "bf16", "8bit")
     assert {f.name: f.code for f in state_format.FORMATS.values()} == {
-        "fp32": contract.StateFormat.FP32, "bf16": contract.StateFormat.BF16}
+        "fp32": contract.StateFormat.FP32, "bf16": contract.StateFormat.BF16, "8bit": contract.StateFormat.EIGHT_BIT}
     bf16 = state_format.of("bf16")
     assert bf16.bytes_per_entry(managed=True) == 6.125 and bf16.bytes_per_entry(managed=False) == 4
     assert state_format.of("fp32").bytes_per_entry(managed=True) == 12.125
@@ -234,7 +234,7 @@ def test_changing_a_groups_state_dtype_converts_its_state():
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    (dict(state_dtype="fp16"), "state_dtype must be one of \\('fp32', 'bf16'\\)"),
+    (dict(state_dtype="fp16"), "state_dtype must be one of \\('fp32', 'bf16', '8bit'\\)"),
     (dict(rounding="up"), "rounding must be one of \\('nearest', 'stochastic'\\)"),
     (dict(seed=-1), "seed must be an integer in \\[0, 2\\*\\*32\\)"),
     (dict(seed=1.5), "seed must be an integer"),

@@ -14,6 +14,8 @@ import importlib
 
 import torch
 
+from .. import state_format as formats
+
 # In order of preference for backend="auto" (fastest first); "torch" runs anywhere.
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
 CHOICES = ("auto",) + BACKEND_NAMES
@@ -45,14 +47,18 @@ def unavailable_reason(name, device):
     return module.unavailable_reason(torch.device(device))
 
 
-def resolve(backend, device, implementation=None):
-    """The backend module to use for tensors on `device`.
+def resolve(backend, device, implementation=None, state_format="fp32"):
+    """The backend module to use for tensors on `device` whose state is in `state_format`.
 
     "auto" picks the first of BACKEND_NAMES that can run there, among the
     multi-tensor kernels only for implementation="fused" (torch's fused=True or
-    foreach=True), the reference for "unfused" (fused=False or foreach=False);
+    foreach=True), the reference for "unfused" (fused=False or foreach=False),
+    and the reference for a state format no kernel stores yet
+    (state_format.kernel_refusal; dps_fast.options refuses the other choices);
     a backend that cannot run raises RuntimeError saying why."""
     check_name(backend)
+    if backend == "auto" and implementation != "fused" and formats.kernel_refusal(state_format):
+        backend = "torch"
     if backend == "auto":
         kernels = tuple(name for name in BACKEND_NAMES if name != "torch")
         names = {"fused": kernels, "unfused": ("torch",), None: BACKEND_NAMES}[implementation]

@@ -82,8 +82,10 @@ def update_function(place):
     per-tensor lists (addresses, sizes, steps, and the random bits' keys and offsets)."""
     def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
-               inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None):
-        """reference.update's contract (dps_fast.backends.contract.Backend.update)."""
+               inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None,
+               exp_avg_scales=None, exp_avg_sq_scales=None):
+        """reference.update's contract (dps_fast.backends.contract.Backend.update), for the state
+        formats the kernels store (param_state.check_update refuses the others: no scales here)."""
         if not params:
             return
         launch, device = place(params)

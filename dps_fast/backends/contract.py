@@ -36,6 +36,7 @@ class StateFormat(enum.IntEnum):
     """How the kernels store exp_avg, exp_avg_sq and scores (dps_fast.state_format's codes)."""
     FP32 = 0
     BF16 = 1  # with stochastic rounding
+    EIGHT_BIT = 2  # moments as block-wise 8-bit codes and scales, bf16 scores (no kernel stores it yet)
 
 
 def mode_of(scores, masks, freeze):
@@ -62,9 +63,11 @@ class Backend(Protocol):
                masks: Optional[List[torch.Tensor]] = None, freeze: bool = False,
                inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
                state_format: str = "fp32", rounding: str = "nearest", seeds: Optional[Sequence[Optional[int]]] = None,
-               offsets: Optional[Sequence[int]] = None) -> None:
+               offsets: Optional[Sequence[int]] = None, exp_avg_scales: Optional[List[Optional[torch.Tensor]]] = None,
+               exp_avg_sq_scales: Optional[List[Optional[torch.Tensor]]] = None) -> None:
         """One fused explore / exploit / plain AdamW pass in place (see reference.update); state_format
-        is a name of dps_fast.state_format (its code: StateFormat)."""
+        is a name of dps_fast.state_format (its code: StateFormat); the block scales of 8-bit moments
+        come as exp_avg_scales / exp_avg_sq_scales (None where the moments are floats)."""
 
     def select_masks(self, scores: List[torch.Tensor], sparsity: float) -> List[torch.Tensor]:
         """Per-tensor top-k masks, ties kept, packed as dps_fast.selection.pack_mask does."""

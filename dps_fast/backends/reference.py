@@ -4,10 +4,12 @@ Short and obvious on purpose; every fast backend is tested against it.
 All arithmetic is fp32 whatever the parameter dtype and the state format
 (dps_fast.state_format), float64 for float64 parameters: each state entry is
 loaded, updated in fp32 and stored once, rounded stochastically where the
-format or the rounding option says so (dps_fast.rounding).
+format or the rounding option says so (dps_fast.rounding), an 8-bit moment
+dequantized on load and requantized block by block on store (dps_fast.blockwise).
 """
 import torch
 
+from .. import blockwise
 from .. import rounding as random_rounding
 from .. import selection
 from .. import state_format as formats
@@ -33,7 +35,8 @@ def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
            grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
-           inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None):
+           inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None,
+           exp_avg_scales=None, exp_avg_sq_scales=None):
     """Update every tensor of one group in place.
 
     lr: a float, or a 0-dim tensor (rounded as torch.optim.AdamW rounds a tensor lr).
@@ -50,18 +53,27 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
         included), and nothing at all is written when found_inf is nonzero.
     state_format: the name of the state's format (dps_fast.state_format): the
         dtype exp_avg, exp_avg_sq and scores are stored in, and whether they
-        are stored with stochastic rounding.
+        are stored with stochastic rounding; each tensor's state is in the
+        format's for_param(tensor) (an 8-bit format keeps small tensors in bf16).
     rounding: "nearest" or "stochastic", how a bf16/fp16 parameter is stored.
     seeds / offsets: per tensor, the seed of its stochastic-rounding bits and the
         index in the whole tensor of its first entry (a shard's; default 0), needed
         when the format or the rounding draws bits (dps_fast.rounding).
+    exp_avg_scales / exp_avg_sq_scales: per tensor, the block scales of its 8-bit exp_avg /
+        exp_avg_sq (1-D fp32, its state entries exp_avg_scale / exp_avg_sq_scale), updated in
+        place with the codes; None, or None entries, where the moments are floats. A store
+        requantizes each block after the update of all its entries; with freeze=True a
+        block none of whose entries is updated keeps its codes and scale, and the frozen
+        entries of the other blocks are requantized from their dequantized values.
     """
     if found_inf is not None and found_inf.item() != 0:
         return
-    format = formats.of(state_format)
+    group_format = formats.of(state_format)
     for i, param in enumerate(params):
+        format = group_format.for_param(param)
         compute = torch.float64 if param.dtype == torch.float64 else torch.float32
-        words = _random_words(format, rounding, param, seeds, offsets, i, steps[i])
+        words = _random_words(group_format, rounding, param, seeds, offsets, i, steps[i])
+        avg_scales, sq_scales = _scales(format, exp_avg_scales, i), _scales(format, exp_avg_sq_scales, i)
         grad = grads[i].to(compute)
         if inv_scale is not None:
             grad = grad * inv_scale
@@ -75,13 +87,15 @@ def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
         mask = None if masks is None else selection.unpack_mask(masks[i], param.shape)
         if mask is not None and not freeze:
             grad = grad * mask
-        new_param, new_avg, new_avg_sq = adamw_math(
-            param.to(compute), grad, exp_avgs[i].to(compute), exp_avg_sqs[i].to(compute), steps[i], lr, beta1,
-            beta2, eps, weight_decay)
+        avg = _load(exp_avgs[i], avg_scales, "exp_avg", compute)
+        avg_sq = _load(exp_avg_sqs[i], sq_scales, "exp_avg_sq", compute)
+        new_param, new_avg, new_avg_sq = adamw_math(param.to(compute), grad, avg, avg_sq, steps[i], lr, beta1,
+                                                    beta2, eps, weight_decay)
         keep = mask if freeze else None
         _store(param, new_param, _bits(param_bits, "param"), keep)
-        _store(exp_avgs[i], new_avg, _bits(state_bits, "exp_avg"), keep)
-        _store(exp_avg_sqs[i], new_avg_sq, _bits(state_bits, "exp_avg_sq"), keep)
+        _store_moment(exp_avgs[i], avg_scales, new_avg, avg, "exp_avg", _bits(state_bits, "exp_avg"), keep)
+        _store_moment(exp_avg_sqs[i], sq_scales, new_avg_sq, avg_sq, "exp_avg_sq", _bits(state_bits, "exp_avg_sq"),
+                      keep)
 
 
 # The 16 random bits of each store of an entry: (stream, shift) in dps_fast.rounding's two words.
@@ -119,15 +133,51 @@ def _store(stored, value, r16, keep=None):
     stored.copy_(value)
 
 
+def _scales(format, scales, i):
+    """Tensor i's block scales of one moment if `format` (its own) quantizes it, else None."""
+    if not format.quantized:
+        return None
+    if scales is None or scales[i] is None:
+        raise ValueError(f"state_format={format.name!r}: tensor {i} needs the block scales of its moments")
+    return scales[i]
+
+
+def _load(stored, scales, key, compute):
+    """Moment `key` in the compute dtype: dequantized if 8-bit (`scales` given)."""
+    if scales is None:
+        return stored.to(compute)
+    return blockwise.dequantize(stored, scales, formats.SIGNED[key])
+
+
+def _store_moment(stored, scales, value, loaded, key, r16, keep):
+    """Moment `key` := value as _store does, or if 8-bit (`scales` given) its codes and
+    scales := value's blocks quantized. With `keep` (freeze), the entries outside keep
+    are requantized from their `loaded` values, and a block with no entry in keep keeps
+    its codes and scale."""
+    if scales is None:
+        return _store(stored, value, r16, keep)
+    if keep is not None:
+        value = torch.where(keep, value, loaded)
+    codes, new_scales = blockwise.quantize(value, formats.SIGNED[key])
+    if keep is not None:
+        updated = blockwise.blocks_of(keep).any(dim=1)
+        new_scales = torch.where(updated, new_scales, scales)
+        codes = blockwise.entries_of(torch.where(updated[:, None], blockwise.blocks_of(codes),
+                                                 blockwise.blocks_of(stored)), stored.shape)
+    stored.copy_(codes)
+    scales.copy_(new_scales)
+
+
 def update_some(indices, params, grads, exp_avgs, exp_avg_sqs, steps, *, scores=None, reset_scores=None,
-                masks=None, seeds=None, offsets=None, **hyper):
+                masks=None, seeds=None, offsets=None, exp_avg_scales=None, exp_avg_sq_scales=None, **hyper):
     """update() of the tensors at `indices` of the lists: the fast backends' fallback
     for the tensors their kernels do not take (float64, non-contiguous, ...)."""
     def pick(values):
         return None if values is None else [values[i] for i in indices]
 
     update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), scores=pick(scores),
-           reset_scores=pick(reset_scores), masks=pick(masks), seeds=pick(seeds), offsets=pick(offsets), **hyper)
+           reset_scores=pick(reset_scores), masks=pick(masks), seeds=pick(seeds), offsets=pick(offsets),
+           exp_avg_scales=pick(exp_avg_scales), exp_avg_sq_scales=pick(exp_avg_sq_scales), **hyper)
 
 
 def masked_norms(grads, masks):

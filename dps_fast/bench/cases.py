@@ -175,7 +175,7 @@ def prepare(case, workload):
         if case.method == "published DPS":
             prepared = _published_boundary(model)
         else:  # the scores as this state format stores them
-            score_dtype = state_format.of(case.state_dtype).dtype
+            score_dtype = state_format.of(case.state_dtype).score_dtype
             scores = [(p.grad.float() ** 2).to(score_dtype) for p in model.parameters() if p.dim() == 2]
             select = backends.resolve(case.backend, workload.device).select_masks
             prepared = Prepared(run=lambda: select(scores, SPARSITY))

@@ -20,7 +20,7 @@ from .weights import DEFAULT_SCALE, TrainConfig, weight_set_params
 # row's optimizer state (moments and scores) and its baseline's moments.
 PEAK_BYTES_PER_PARAM = 32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-STATE_DTYPES = ("fp32", "bf16")  # dps_fast.state_format.NAMES
+STATE_DTYPES = ("fp32", "bf16")  # of dps_fast.state_format.NAMES, those the kernels store
 
 
 def _items(text):

@@ -18,7 +18,7 @@ from .report import DEGENERATE_MARGIN, load_runs, report
 
 DPS_METHODS = ("dps", "dps-mix")  # the methods with a stage length T = int(steps * stage ratio)
 DTYPES = ("fp32", "bf16")
-STATE_DTYPES = ("fp32", "bf16")  # dps_fast.state_format.NAMES, without importing torch for --help
+STATE_DTYPES = ("fp32", "bf16")  # of dps_fast.state_format.NAMES, those the kernels store (no torch import for --help)
 ROUNDINGS = ("nearest", "stochastic")
 
 

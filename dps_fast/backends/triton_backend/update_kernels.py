@@ -204,9 +204,11 @@ def _scalar(value, device):
 
 def update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
            grad_coef=None, scores=None, reset_scores=None, masks=None, freeze=False,
-           inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None):
+           inv_scale=None, found_inf=None, state_format="fp32", rounding="nearest", seeds=None, offsets=None,
+           exp_avg_scales=None, exp_avg_sq_scales=None):
     """Update every tensor of one group in place; semantics of reference.update (which
-    updates the float64 parameters, whose state is float64: dps_fast.param_state)."""
+    updates the float64 parameters, whose state is float64: dps_fast.param_state), for the
+    state formats the kernels store (param_state.check_update refuses the others)."""
     if not params:
         return
     param_state.check_update(params, grads, exp_avgs, exp_avg_sqs, scores, masks, device=params[0].device,
