@@ -242,6 +242,18 @@ def test_train_run_every_method(trec_tiny, method):
             result | dict(seconds=0, seconds_eval=0)
 
 
+@pytest.mark.parametrize("state_dtype", ["bf16", "8bit"])
+def test_train_run_in_every_state_format(trec_tiny, state_dtype):
+    from dps_fast import state_format
+    from dps_fast.finetune import Recipe, train_run
+    from dps_fast.finetune.cli import STATE_DTYPES
+
+    assert STATE_DTYPES == state_format.NAMES  # --state-dtype offers every format
+    base, train, dev = trec_tiny
+    result = train_run(base, train, dev, "dps", seed=0, recipe=Recipe(steps=4, stage_ratio=0.5, state_dtype=state_dtype))
+    assert result["storage"] == f"fp32, nearest, {state_dtype} state" and math.isfinite(result["train_loss"])
+
+
 @pytest.mark.parametrize("method", ["dps", "dps-mix", "mixout"])
 def test_train_run_records_a_dev_curve_and_out_of_domain_accuracy(trec_tiny, method):
     from dps_fast.finetune import Recipe, evaluate, train_run

@@ -40,7 +40,8 @@ def optimizers(param_dtype):
                                       rounding="stochastic" if param_dtype == "bf16" else "nearest")
 
     rows = {"AdamW": lambda model: torch.optim.AdamW(param_groups(model)),
-            "dps_fast fp32 state": dps("fp32"), "dps_fast bf16 state": dps("bf16")}
+            "dps_fast fp32 state": dps("fp32"), "dps_fast bf16 state": dps("bf16"),
+            "dps_fast 8bit state": dps("8bit")}  # backend "torch" (the reference) until the kernels store it
     ao = _torchao()
     if ao is not None:
         if param_dtype == "bf16":

@@ -18,7 +18,7 @@ from .report import DEGENERATE_MARGIN, load_runs, report
 
 DPS_METHODS = ("dps", "dps-mix")  # the methods with a stage length T = int(steps * stage ratio)
 DTYPES = ("fp32", "bf16")
-STATE_DTYPES = ("fp32", "bf16")  # of dps_fast.state_format.NAMES, those the kernels store (no torch import for --help)
+STATE_DTYPES = ("fp32", "bf16", "8bit")  # dps_fast.state_format.NAMES, without importing torch for --help
 ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -90,7 +90,8 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=DTYPES, default=default.dtype,
                         help="the model's dtype: bf16 holds it in bf16, no autocast, no fp32 copy (default fp32)")
     parser.add_argument("--state-dtype", choices=STATE_DTYPES, default=default.state_dtype,
-                        help="DPSAdamW's state: fp32, or bf16 with stochastic rounding (default fp32)")
+                        help="DPSAdamW's state: fp32, bf16 with stochastic rounding, or 8bit (block-wise 8-bit moments; "
+                             "backend torch only so far) (default fp32)")
     parser.add_argument("--rounding", choices=ROUNDINGS, default=default.rounding,
                         help="how DPSAdamW stores bf16 parameters (default nearest); with --dtype bf16, --state-dtype "
                              "bf16 or --rounding stochastic, adamw is DPSAdamW's plain AdamW with that storage")

@@ -35,7 +35,7 @@ class Recipe:
         else e.g. "bf16, stochastic, bf16 state" (report.setting)."""
         if (self.dtype, self.state_dtype, self.rounding) == ("fp32", "fp32", "nearest"):
             return ""
-        return ", ".join([self.dtype, self.rounding] + (["bf16 state"] if self.state_dtype == "bf16" else []))
+        return ", ".join([self.dtype, self.rounding] + ([f"{self.state_dtype} state"] if self.state_dtype != "fp32" else []))
 
 
 # ----- model and data ---------------------------------------------------------------
