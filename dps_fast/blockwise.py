@@ -1,6 +1,7 @@
 """Block-wise 8-bit quantization of AdamW's moments (state_dtype="8bit"): the two
 code maps and the two functions the update applies, in plain PyTorch. This is
-the specification that the compiled and Triton kernels repeat to the bit.
+the specification that the compiled and Triton kernels are to repeat to the bit
+(they do not store 8-bit state yet).
 
 Blocks. A moment tensor's entries, in row-major order (the memory order of a
 contiguous tensor), are cut into blocks of BLOCK = 256 (the last one shorter).
@@ -34,6 +35,12 @@ A kernel finds the code with a branchless binary search of 8 compares over
 the midpoints padded to 256 with +inf:
 
     c = 0; for step in 128, 64, ..., 1: if MIDPOINTS[c + step - 1] < x: c += step
+
+No positive value takes the zero code of the unsigned map (exp_avg_sq): one
+below half the smallest positive code (about 1.6e-7 of its block's absmax)
+takes that smallest code instead. Read back as 0, it would make AdamW's step
+lr * m / eps with m still nonzero (m has its own block), a jump of thousands
+of learning rates; read back a little too large, it only shortens the step.
 
 Special blocks:
 - s == 0 (every entry 0 or -0): the entries quantize as x / s := 0, to ZERO_CODE
@@ -81,15 +88,19 @@ def entries_of(rows, shape):
     return rows.view(-1)[:shape.numel()].view(shape)
 
 
-def quantize(x, signed):
+def quantize(x, signed, scales=None):
     """(codes, scales) of fp32 tensor `x`: uint8 codes of x's shape (contiguous) and
-    the fp32 scales of its blocks, 1-D of num_blocks(x.numel())."""
+    the fp32 scales of its blocks, 1-D of num_blocks(x.numel()): their absmax, or the
+    `scales` given (each at least its block's absmax, or NaN)."""
     rows = blocks_of(x)
-    absmax = rows.abs().amax(dim=1)
-    scales = torch.where(absmax.isfinite(), absmax, torch.nan)
+    if scales is None:
+        absmax = rows.abs().amax(dim=1)
+        scales = torch.where(absmax.isfinite(), absmax, torch.nan)
     normal = torch.where(scales[:, None] == 0, 0.0, rows / scales[:, None])
     codes = torch.searchsorted(MIDPOINTS[signed].to(x.device), normal)  # midpoints < normal: ties go down
     codes = codes.masked_fill(normal.isnan(), 0)  # (torch's search would put NaN last)
+    if not signed:  # a positive value never reads back as 0
+        codes = torch.where((normal > 0) & (codes == ZERO_CODE[signed]), ZERO_CODE[signed] + 1, codes)
     return entries_of(codes.to(torch.uint8), x.shape), scales
 
 

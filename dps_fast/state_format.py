@@ -19,10 +19,12 @@ the bench's bytes model.
   score is bf16 with stochastic rounding, as "bf16" stores it. A store
   requantizes each block, after the update of all its entries, with its new
   absmax; under masked="freeze" a block none of whose entries is updated is
-  left as it is (codes and scale), and in any other block the frozen entries
-  are requantized from their dequantized values (their codes change with the
-  block's scale: each keeps its value to within half a code step at the new
-  scale). 4.16 bytes per entry of a managed tensor (bytes_per_entry).
+  left as it is (codes and scale), and a block with both kinds takes the
+  larger of its old scale and its updated entries' absmax: its frozen entries
+  keep their codes while the scale stays, and are requantized from their
+  values only when it grows (reference._store_moment). A positive exp_avg_sq
+  never reads back as 0 (dps_fast.blockwise). 4.16 bytes per entry of a
+  managed tensor (bytes_per_entry).
   Tensors of fewer than 4096 entries (biases, LayerNorm: a small share of a
   model) keep "bf16" state, as float64 ones keep float64 state: there codes
   would save at most 8 KB per tensor over bf16, so the choice is about error

@@ -62,7 +62,14 @@ def _nearest_by_brute_force(normal, signed):
     flat = normal.reshape(-1, 1)
     nearest = (flat.double() - MAPS[signed].double()).abs().argmin(dim=1)
     at_midpoint = flat == MIDPOINTS[signed]
-    return torch.where(at_midpoint.any(dim=1), at_midpoint.int().argmax(dim=1), nearest).view(normal.shape)
+    codes = torch.where(at_midpoint.any(dim=1), at_midpoint.int().argmax(dim=1), nearest).view(normal.shape)
+    return _floored(codes, normal, signed)
+
+
+def _floored(codes, normal, signed):
+    """The one exception to the nearest code: a positive value of the unsigned map (exp_avg_sq)
+    never takes code 0 (it would read back as 0, and AdamW's step become lr * m / eps)."""
+    return codes if signed else torch.where((normal > 0) & (codes == 0), 1, codes)
 
 
 def _kernel_search(normal, signed):
@@ -72,7 +79,7 @@ def _kernel_search(normal, signed):
     codes = torch.zeros(normal.shape, dtype=torch.int64)
     for step in (128, 64, 32, 16, 8, 4, 2, 1):
         codes += torch.where(padded[codes + step - 1] < normal, step, 0)
-    return codes
+    return _floored(codes, normal, signed)
 
 
 def _with_absmax_one(values, scale=1.0):
@@ -90,8 +97,11 @@ def test_a_value_at_a_midpoint_takes_the_lower_code_as_the_kernels_search_gives(
     def quantized(values):
         return blockwise.quantize(_with_absmax_one(values), signed)[0].long()[:values.numel()]
 
-    assert torch.equal(quantized(mids), codes)  # at a midpoint: the lower code
-    assert torch.equal(quantized(down), codes)
+    assert torch.equal(quantized(mids), _floored(codes, mids, signed))  # at a midpoint: the lower code
+    assert torch.equal(quantized(down), _floored(codes, down, signed))
+    if not signed:  # below the first midpoint: the smallest positive code, not 0
+        tiny = torch.tensor([1e-30, mids[0].item() / 2, 0.0])
+        assert quantized(tiny).tolist() == [1, 1, 0]
     assert torch.equal(quantized(up), codes + 1)  # one fp32 step above: the upper
     assert torch.equal(blockwise.quantize(MAPS[signed], signed)[0].long(), torch.arange(256))  # a code's own value
     # the spec's codes are the kernels' binary search and, off the midpoints, the nearest value
@@ -657,3 +667,53 @@ def test_an_8bit_group_added_to_a_cpu_backend_optimizer_is_refused_before_anythi
     with pytest.raises(ValueError, match="param group 0: backend='cpu' cannot store"):
         opt.step()
     assert_same_state({0: before}, {0: opt.state[weight]})
+
+
+def test_freeze_keeps_a_frozen_extreme_and_its_block_scale():
+    """A frozen entry that is its block's (negative) absmax keeps its value while the updated
+    entries stay below it: requantizing it at the block's absmax would shrink the block 0.7% a
+    step (the signed map has no -1)."""
+    n = 4096
+    avg = blockwise.quantize(torch.cat([torch.tensor([-1e-2]), torch.full((n - 1,), 1e-4)]), True)
+    avg_sq = blockwise.quantize(torch.full((n,), 1e-6), False)
+    start_codes, start_value = avg[0].clone(), blockwise.dequantize(*avg, True)[0].item()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[0] = False
+    for step in range(1, 51):
+        reference.update([torch.zeros(n)], [torch.full((n,), 1e-4)], [avg[0]], [avg_sq[0]], [step], lr=1e-3,
+                         beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, masks=[selection.pack_mask(keep)],
+                         freeze=True, state_format="8bit", seeds=[0], exp_avg_scales=[avg[1]],
+                         exp_avg_sq_scales=[avg_sq[1]])
+    assert avg[0][0] == start_codes[0] and blockwise.dequantize(*avg, True)[0].item() == start_value
+    assert avg[1][0].item() == pytest.approx(1e-2)
+    # an updated entry that outgrows the scale moves it, and the frozen one is requantized at it
+    reference.update([torch.zeros(n)], [torch.full((n,), 1.0)], [avg[0]], [avg_sq[0]], [51], lr=1e-3, beta1=0.9,
+                     beta2=0.999, eps=1e-8, weight_decay=0.0, masks=[selection.pack_mask(keep)], freeze=True,
+                     state_format="8bit", seeds=[0], exp_avg_scales=[avg[1]], exp_avg_sq_scales=[avg_sq[1]])
+    assert avg[1][0] > 0.05
+    back = blockwise.dequantize(*avg, True)[0].item()
+    assert abs(back - start_value) <= avg[1][0].item() * HALF_STEP[True]
+
+
+def test_a_rare_feature_does_not_jump_when_its_second_moment_is_tiny():
+    """exp_avg_sq of a feature seen once sinks below the map's smallest code of its block while
+    its exp_avg does not: read back as 0 it made the step lr * m / eps (0.37 at lr 1e-3, against
+    fp32's 5.5e-4); the smallest positive code keeps the step at fp32's scale."""
+    worst = {}
+    for fmt in ("fp32", "8bit"):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(256, 16)
+        opt = DPSAdamW([{"params": [lin.weight], "dps": False}, {"params": [lin.bias], "dps": False}], lr=1e-3,
+                       state_dtype=fmt)
+        worst[fmt] = 0.0
+        for step in range(1, 11):
+            x = torch.randn(32, 256)
+            x[:, 255] = 0.0
+            if step == 5:
+                x[0, 255] = 0.05  # the rare feature, active once
+            before = lin.weight.detach().clone()
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(lin(x), torch.randn(32, 16)).backward()
+            opt.step()
+            worst[fmt] = max(worst[fmt], (lin.weight.detach() - before)[:, 255].abs().max().item())
+    assert worst["fp32"] < 1e-3 and worst["8bit"] < 2 * worst["fp32"]
