@@ -88,14 +88,20 @@ def entries_of(rows, shape):
     return rows.view(-1)[:shape.numel()].view(shape)
 
 
+def scales_of(rows):
+    """The scale of each block of `rows` (blocks_of's): its largest |entry|, NaN where an
+    entry is not finite."""
+    absmax = rows.abs().amax(dim=1)
+    return torch.where(absmax.isfinite(), absmax, torch.nan)
+
+
 def quantize(x, signed, scales=None):
     """(codes, scales) of fp32 tensor `x`: uint8 codes of x's shape (contiguous) and
     the fp32 scales of its blocks, 1-D of num_blocks(x.numel()): their absmax, or the
     `scales` given (each at least its block's absmax, or NaN)."""
     rows = blocks_of(x)
     if scales is None:
-        absmax = rows.abs().amax(dim=1)
-        scales = torch.where(absmax.isfinite(), absmax, torch.nan)
+        scales = scales_of(rows)
     normal = torch.where(scales[:, None] == 0, 0.0, rows / scales[:, None])
     codes = torch.searchsorted(MIDPOINTS[signed].to(x.device), normal)  # midpoints < normal: ties go down
     codes = codes.masked_fill(normal.isnan(), 0)  # (torch's search would put NaN last)

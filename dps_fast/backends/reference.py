@@ -163,16 +163,15 @@ def _store_moment(stored, scales, value, loaded, key, r16, keep):
     if keep is None:
         codes, new_scales = blockwise.quantize(value, signed)
     else:
-        kept, frozen = blockwise.blocks_of(keep).any(dim=1), blockwise.blocks_of(~keep).any(dim=1)
-        updated_absmax = blockwise.blocks_of(torch.where(keep, value, 0.0)).abs().amax(dim=1)
-        updated_absmax = torch.where(updated_absmax.isfinite(), updated_absmax, torch.nan)
+        frozen_rows = blockwise.blocks_of(~keep)
+        kept, frozen = blockwise.blocks_of(keep).any(dim=1), frozen_rows.any(dim=1)
+        updated_absmax = blockwise.scales_of(blockwise.blocks_of(torch.where(keep, value, 0.0)))
         new_scales = torch.where(frozen, torch.maximum(scales, updated_absmax), updated_absmax)
         codes, new_scales = blockwise.quantize(torch.where(keep, value, loaded), signed, new_scales)
-        same_scale = (frozen & (new_scales == scales))[:, None]
-        rows = torch.where(blockwise.blocks_of(~keep) & same_scale, blockwise.blocks_of(stored),
-                           blockwise.blocks_of(codes))
-        rows = torch.where(kept[:, None], rows, blockwise.blocks_of(stored))
-        codes, new_scales = blockwise.entries_of(rows, stored.shape), torch.where(kept, new_scales, scales)
+        new_scales = torch.where(kept, new_scales, scales)
+        keeps_code = frozen_rows & (~kept | (new_scales == scales))[:, None]
+        codes = blockwise.entries_of(torch.where(keeps_code, blockwise.blocks_of(stored), blockwise.blocks_of(codes)),
+                                     stored.shape)
     stored.copy_(codes)
     scales.copy_(new_scales)
 
